@@ -1,0 +1,317 @@
+"""The vramfit command line: parse, call one core function, print.
+
+Heavy modules (torch, transformers, pydantic models) are imported inside the
+commands that need them, so `vramfit --help` stays fast. Every VramfitError
+becomes one line on stderr and an exit code here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import UsageError, VramfitError
+
+app = typer.Typer(
+    help="Fine-tune language models on whatever GPU you have: detect, plan, train, merge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+presets_app = typer.Typer(help="List presets, or show one resolved.", invoke_without_command=True)
+app.add_typer(presets_app, name="presets")
+
+
+def handled(fn):
+    """Turn failures into one line + exit code; VRAMFIT_DEBUG=1 shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except VramfitError as e:
+            if os.environ.get("VRAMFIT_DEBUG"):
+                traceback.print_exc()
+            typer.echo(f"error: {e.one_line()}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as e:  # a bug, not bad input: still one line unless debugging
+            if os.environ.get("VRAMFIT_DEBUG"):
+                traceback.print_exc()
+            msg = " ".join(str(e).split())[:300]
+            typer.echo(f"error: internal error: {type(e).__name__}: {msg} (hint: rerun with VRAMFIT_DEBUG=1 and report it)", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# ------------------------------------------------------------------ detect
+
+
+@app.command()
+@handled
+def detect(as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON.")) -> None:
+    """Show the GPUs (NVML), host RAM and CPUs, and the preset vramfit recommends."""
+    from .hardware import detect as probe
+    from .hardware import recommend_preset
+    from .presets import list_presets
+
+    facts = probe()
+    preset, reason = recommend_preset(facts, {p.name: p.card_gib for p in list_presets()})
+    if as_json:
+        typer.echo(json.dumps({**facts.to_dict(), "recommended_preset": preset, "reason": reason}, indent=2))
+        return
+    if not facts.has_gpu:
+        typer.echo(f"GPU: none ({facts.nvml_error})")
+    for g in facts.gpus:
+        typer.echo(
+            f"GPU {g.index}: {g.name}  {g.total_gib:.1f} GiB total, {g.free_gib:.1f} GiB free, "
+            f"compute {g.compute_capability[0]}.{g.compute_capability[1]}, bf16 {'yes' if g.bf16 else 'no'}"
+        )
+        for p in g.processes:
+            used = f"{p.used_bytes / 2**30:.2f} GiB" if p.used_bytes is not None else "? GiB"
+            typer.echo(f"  process {p.pid} {p.name or ''} holds {used}")
+    if facts.has_gpu:
+        typer.echo(f"driver {facts.driver_version}, CUDA {facts.cuda_version}")
+    typer.echo(f"host: {facts.host_ram_bytes / 2**30:.1f} GiB RAM, {facts.cpu_count} CPUs")
+    typer.echo(f"recommended preset: {preset} ({reason})")
+
+
+# ------------------------------------------------------------------ presets
+
+
+@presets_app.callback()
+@handled
+def presets_list(ctx: typer.Context) -> None:
+    """List the presets."""
+    if ctx.invoked_subcommand:
+        return
+    from .presets import list_presets
+
+    for p in list_presets():
+        card = f"{p.card_gib:g} GB" if p.card_gib else "-"
+        typer.echo(f"{p.name:<14} {card:>6}  {p.summary}")
+    typer.echo("\nvramfit presets show NAME   prints one, resolved over the defaults")
+
+
+@presets_app.command("show")
+@handled
+def presets_show(name: str) -> None:
+    """Print one preset resolved over the defaults, as YAML you can pass to --config."""
+    import yaml
+
+    from .presets import load_preset, resolve
+
+    p = load_preset(name)
+    header = [line for line in p.path.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+    typer.echo("\n".join(header))
+    typer.echo(yaml.safe_dump(resolve([(p.name, p.values)]).config.model_dump(mode="json"), sort_keys=False))
+
+
+# ------------------------------------------------------------------ plan / train
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Model dir or hub id (default: the embedded tiny model).")
+PresetOpt = typer.Option(None, "--preset", "-p", help="Preset name, or 'auto' (default: auto with a GPU, cpu without).")
+DataOpt = typer.Option(None, "--data", "-d", help="Dataset: jsonl/json/csv/parquet or hub id (default: shipped demo set).")
+BudgetOpt = typer.Option(None, "--budget", help="GPU memory cap in GiB per process, CUDA context included.", min=0.1)
+OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<model>-<preset>).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file layered over the preset.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override one key, e.g. --set lora.r=8 (repeatable).")
+
+
+def _make_plan(model, preset, data, budget, config_file, set_items):
+    from .hardware import detect as probe
+    from .hardware import recommend_preset
+    from .model_shape import load_shape
+    from .plan import build_plan
+    from .presets import list_presets, resolve_layers
+
+    facts = probe()
+    if preset in (None, "auto"):
+        cards = {p.name: p.card_gib for p in list_presets()}
+        if budget is not None and facts.has_gpu:
+            from .hardware import fake_facts
+
+            pick, _ = recommend_preset(fake_facts(budget, free_gib=budget), cards)
+        else:
+            pick, _ = recommend_preset(facts, cards)
+        preset = pick
+    overrides: dict = {}
+    if model is not None:
+        overrides["model"] = {"name": model}
+    if data is not None:
+        overrides["data"] = {"path": data}
+    if budget is not None:
+        overrides["budget_gib"] = budget
+    resolved = resolve_layers(preset, config_file, overrides, set_items)
+    if resolved.preset and resolved.preset.name == "multi-gpu" and facts.gpu_count > 1:
+        if resolved.sources.get("launch.gpus", "").startswith("preset"):
+            resolved = resolve_layers(preset, config_file, overrides, [f"launch.gpus={facts.gpu_count}", *(set_items or [])])
+    shape = load_shape(resolved.config.model.name)
+    return build_plan(resolved.config, shape, facts, resolved.sources, preset)
+
+
+def _default_out(plan) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(plan.model_ref.replace("embedded:", "")).name).strip("-") or "model"
+    return Path("runs") / f"{slug}-{plan.preset or 'custom'}"
+
+
+def _print_plan(plan, verbose: bool) -> None:
+    c = plan.config
+    gpus = f"{c.world_size} GPU{'s' if c.world_size > 1 else ''}" if plan.device == "cuda" else "CPU"
+    typer.echo(
+        f"plan: {plan.model_ref} | {c.method} | preset {plan.preset or '-'} | {gpus} {plan.dtype} | "
+        f"{plan.breakdown.trainable_params:,} trainable of {plan.shape.total_params:,} params"
+    )
+    typer.echo(
+        f"  seq {c.data.seq_len}, micro-batch {c.train.micro_batch} x accumulation {c.train.grad_accum}"
+        f" = {c.train.micro_batch * c.train.grad_accum * c.world_size} sequences/step,"
+        f" checkpointing {'on' if c.train.grad_ckpt else 'off'}, optimizer {c.train.optimizer}"
+        + (f", ZeRO-{c.deepspeed.stage}" if c.deepspeed.stage else "")
+    )
+    where = "GPU memory per process" if plan.device == "cuda" else "memory (CPU run, host RAM)"
+    typer.echo(f"  predicted {where} (first estimate, not yet calibrated):")
+    for part, gib in plan.breakdown.gib().items():
+        typer.echo(f"    {part:<16} {gib:7.2f} GiB")
+    verdict = ""
+    if plan.budget_gib is not None:
+        verdict = f" of {plan.budget_gib:g} GiB ({plan.budget_source}): {'fits' if plan.fits else 'DOES NOT FIT'}"
+    elif plan.device == "cpu":
+        verdict = " (CPU run: no GPU budget)"
+    typer.echo(f"    {'predicted peak':<16} {plan.breakdown.peak_gib:7.2f} GiB{verdict}")
+    for note in plan.notes:
+        typer.echo(f"  note: {note}")
+    if verbose:
+        typer.echo("  settings (where each value came from):")
+        flat = _flat(c.model_dump(mode="json"))
+        for key, value in flat.items():
+            typer.echo(f"    {key} = {json.dumps(value)}  [{plan.sources.get(key, 'default')}]")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "env":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@app.command()
+@handled
+def plan(
+    model: Optional[str] = ModelOpt,
+    preset: Optional[str] = PresetOpt,
+    data: Optional[str] = DataOpt,
+    budget: Optional[float] = BudgetOpt,
+    out: Optional[Path] = OutOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Predict memory, write the run directory (configs + launch.sh); train nothing."""
+    from .plan import require_fit
+    from .render import write_run_dir
+
+    p = _make_plan(model, preset, data, budget, config, set_)
+    require_fit(p)
+    run_dir = write_run_dir(p, out or _default_out(p))
+    if as_json:
+        typer.echo(json.dumps({**p.summary(), "run_dir": str(run_dir)}, indent=2))
+        return
+    _print_plan(p, verbose=True)
+    typer.echo(f"run directory: {run_dir}\nstart it with: vramfit train --resume --out {run_dir}   (or: bash {run_dir}/launch.sh)")
+
+
+@app.command()
+@handled
+def train(
+    model: Optional[str] = ModelOpt,
+    preset: Optional[str] = PresetOpt,
+    data: Optional[str] = DataOpt,
+    budget: Optional[float] = BudgetOpt,
+    out: Optional[Path] = OutOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan and write the run directory only."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+) -> None:
+    """Plan, write the run directory, and train."""
+    from .launch import execute
+    from .plan import require_fit
+    from .render import METRICS, read_plan, write_run_dir
+
+    if resume:
+        if out is None:
+            raise UsageError("--resume needs --out RUN_DIR", "pass the run directory to continue")
+        read_plan(out)  # validates it is a run dir
+        if any(x is not None for x in (model, preset, data, budget, config)) or set_:
+            typer.echo("note: --resume continues the run as planned; other options are ignored", err=True)
+        run_dir = out.expanduser().resolve()
+    else:
+        p = _make_plan(model, preset, data, budget, config, set_)
+        require_fit(p)
+        run_dir = write_run_dir(p, out or _default_out(p))
+        _print_plan(p, verbose=False)
+        typer.echo(f"run directory: {run_dir}")
+        if dry_run:
+            typer.echo(f"dry run: nothing trained. Start it with: bash {run_dir}/launch.sh")
+            return
+    code = execute(run_dir / "launch.sh", ["--resume"] if resume else [])
+    if code != 0:
+        from .errors import TrainingFailed
+
+        raise TrainingFailed(
+            f"training exited with code {code}; the run directory {run_dir} is kept",
+            f"fix the cause above, then `vramfit train --resume --out {run_dir}` continues from the last checkpoint",
+        )
+    metrics = run_dir / METRICS
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        typer.echo(
+            f"done: {m.get('steps')} steps, loss {m.get('first_loss')} -> {m.get('final_loss')}, "
+            f"{m.get('tokens_per_s', 0):,.0f} tokens/s"
+        )
+    typer.echo(f"next: vramfit merge {run_dir}")
+
+
+# ------------------------------------------------------------------ merge
+
+
+@app.command()
+@handled
+def merge(
+    run_dir: Path = typer.Argument(..., help="The run directory `vramfit train` wrote."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the merged model (default: RUN_DIR/merged)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+) -> None:
+    """Merge the trained adapter into its base model and verify the result."""
+    from .merge import merge_run
+
+    result = merge_run(run_dir, out, force=force)
+    typer.echo(
+        f"merged model: {result.out}\n  verified on {result.prompts} prompts: largest logit difference "
+        f"{result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g}, {result.dtype})"
+    )
+
+
+def main() -> None:
+    app(prog_name="vramfit")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

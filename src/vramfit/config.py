@@ -1,0 +1,143 @@
+"""The one typed vocabulary of a run: pydantic models, no I/O.
+
+Every section forbids unknown keys, so a typo is an error instead of a silently
+ignored setting. ``presets.py`` layers dicts into these models; everything after
+that (plan, render, train, merge) reads only the validated ``RunConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+Method = Literal["full", "lora", "qlora"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+Attn = Literal["sdpa", "eager", "flash_attention_2"]
+DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "text", "prompt_completion"]
+Optimizer = Literal[
+    "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"
+]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    # None means the tiny model that ships inside the package (CPU demo, tests).
+    name: str | None = None
+    dtype: DType = "auto"
+    attn_implementation: Attn = "sdpa"
+    # Off by default: loading a model must never run code from the hub unasked.
+    trust_remote_code: bool = False
+
+
+class LoraConfig(_Section):
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # Module names, or "all-linear" (PEFT picks every linear layer but the head).
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class QuantConfig(_Section):
+    """bitsandbytes settings; used only when method == 'qlora'."""
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    # PEFT's prepare_model_for_kbit_training upcasts embeddings and lm_head to
+    # fp32: 2.2 GiB extra on Qwen2.5-7B (shared/gpu/README.md). Keeping them
+    # 16-bit is what lets a 7B QLoRA fit an 8 GB card.
+    upcast_embeddings: bool = False
+
+
+class DataConfig(_Section):
+    # None means the instruction dataset that ships inside the package.
+    path: str | None = None
+    format: DataFormat = "auto"
+    seq_len: PositiveInt = 1024
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    # Use the tokenizer's chat template when it has one.
+    chat_template: bool = True
+    max_examples: PositiveInt | None = None
+
+
+class TrainConfig(_Section):
+    micro_batch: PositiveInt = 1
+    grad_accum: PositiveInt = 16
+    # max_steps > 0 wins over epochs, as in TrainingArguments.
+    max_steps: int = Field(-1, ge=-1)
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    scheduler: Scheduler = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: Optimizer = "adamw_torch"
+    grad_ckpt: bool = True
+    seed: int = 42
+    logging_steps: PositiveInt = 1
+    save_steps: PositiveInt = 50
+    save_total_limit: PositiveInt = 2
+    eval_steps: PositiveInt = 50
+    dataloader_workers: int = Field(0, ge=0)
+
+
+class DeepSpeedConfig(_Section):
+    stage: Literal[0, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedConfig:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs stage 2 or 3")
+        return self
+
+
+class LaunchConfig(_Section):
+    gpus: PositiveInt = 1
+    nodes: PositiveInt = 1
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(29500, gt=0, lt=65536)
+    # Written into launch.sh so the allocator/threading behaviour belongs to the
+    # plan, not to whatever the user's shell happens to export.
+    env: dict[str, str] = {
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+class RunConfig(_Section):
+    method: Method = "lora"
+    # GPU memory cap in GiB per process (CUDA context included); None = the card.
+    budget_gib: float | None = Field(None, gt=0)
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    quant: QuantConfig = QuantConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.launch.node_rank >= self.launch.nodes:
+            raise ValueError(f"launch.node_rank {self.launch.node_rank} must be below launch.nodes {self.launch.nodes}")
+        if self.method == "qlora" and self.deepspeed.offload_params:
+            raise ValueError("qlora cannot offload 4-bit parameters (deepspeed.offload_params); use method lora")
+        return self
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.gpus * self.launch.nodes

@@ -1,0 +1,113 @@
+"""Measure and cap this process's GPU memory (used inside the training process).
+
+Two figures matter and both are reported: the caching allocator's peaks (what
+torch hands out and reserves) and the process's total as NVML sees it, which
+adds the CUDA context and library workspaces outside the allocator. A card OOMs
+on the second.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+GIB = 1 << 30
+
+
+def _nvml_process_bytes() -> int | None:
+    """This process's GPU memory on its current device per NVML, or None if NVML can't say."""
+    import torch
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            dev_uuid = pynvml.nvmlDeviceGetUUID(h)
+            dev_uuid = dev_uuid.decode() if isinstance(dev_uuid, bytes) else dev_uuid
+            if uuid not in dev_uuid:
+                continue
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+                if p.pid == os.getpid() and p.usedGpuMemory:
+                    return int(p.usedGpuMemory)
+            # In a PID namespace NVML may not list our pid: with the card to
+            # ourselves, the device's used memory is ours.
+            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+            if len(procs) <= 1:
+                return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+            return None
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return None
+
+
+class MemoryMonitor:
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.nvml_peak: int | None = None
+        self.context_bytes: int | None = None
+
+    def sample(self) -> None:
+        if not self.cuda:
+            return
+        used = _nvml_process_bytes()
+        if used is not None:
+            self.nvml_peak = max(self.nvml_peak or 0, used)
+
+    def line(self) -> str:
+        if not self.cuda:
+            return ""
+        import torch
+
+        return (
+            f"gpu {torch.cuda.memory_allocated() / GIB:.2f} GiB"
+            f" (peak alloc {torch.cuda.max_memory_allocated() / GIB:.2f}, reserved {torch.cuda.max_memory_reserved() / GIB:.2f}"
+            + (f", process {self.nvml_peak / GIB:.2f}" if self.nvml_peak else "")
+            + ")"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        if not self.cuda:
+            return {"device": "cpu"}
+        import torch
+
+        self.sample()
+        return {
+            "device": torch.cuda.get_device_name(),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
+            "peak_process_gib": round(self.nvml_peak / GIB, 3) if self.nvml_peak else None,
+            "cuda_context_gib": round(self.context_bytes / GIB, 3) if self.context_bytes else None,
+        }
+
+
+def apply_budget(budget_gib: float, monitor: MemoryMonitor) -> str:
+    """Cap the caching allocator so the whole process (context included) stays within the budget."""
+    import torch
+
+    torch.zeros(1, device="cuda")  # create the context so it can be measured
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    used = _nvml_process_bytes()
+    # Outside the allocator: the CUDA context and library handles. If NVML can't
+    # tell us, assume the 0.5 GiB the memory model assumes too.
+    context = (used - torch.cuda.memory_reserved()) if used else GIB // 2
+    monitor.context_bytes = context
+    allowed = budget_gib * GIB - context
+    if allowed <= 0:
+        raise ValueError(f"budget {budget_gib} GiB is below the CUDA context ({context / GIB:.2f} GiB)")
+    fraction = min(1.0, allowed / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return (
+        f"budget: {budget_gib:g} GiB per process = allocator cap {allowed / GIB:.2f} GiB"
+        f" + CUDA context {context / GIB:.2f} GiB ({fraction:.4f} of {total / GIB:.1f} GiB)"
+    )

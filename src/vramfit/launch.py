@@ -1,0 +1,90 @@
+"""The launch command as data: build (argv, env) with a pure function, run it in one place."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import RunConfig
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def shell(self) -> str:
+        return " ".join(shlex.quote(a) for a in self.argv)
+
+
+def needs_launcher(cfg: RunConfig) -> bool:
+    """Several processes, or DeepSpeed (which wants a distributed environment even alone)."""
+    return cfg.world_size > 1 or cfg.deepspeed.stage > 0
+
+
+def build_command(cfg: RunConfig, run_dir: str = "$RUN_DIR", python: str = "$PYTHON") -> Command:
+    """argv for one node. ``run_dir``/``python`` default to launch.sh's variables."""
+    env = dict(cfg.launch.env)
+    if not needs_launcher(cfg):
+        return Command([python, "-m", "vramfit.train", run_dir], env)
+    la = cfg.launch
+    argv = [
+        python, "-m", "accelerate.commands.launch",
+        "--num_processes", str(cfg.world_size),
+        "--num_machines", str(la.nodes),
+        "--machine_rank", "${NODE_RANK:-%d}" % la.node_rank if python == "$PYTHON" else str(la.node_rank),
+        "--main_process_ip", la.master_addr,
+        "--main_process_port", str(la.master_port),
+        "--mixed_precision", "no",  # TrainingArguments (bf16/fp16) is the single source
+        "--dynamo_backend", "no",
+        "--module", "vramfit.train", run_dir,
+    ]  # fmt: skip
+    return Command(argv, env)
+
+
+def launch_script(cfg: RunConfig, python: str | None = None, extra_env: dict[str, str] | None = None) -> str:
+    """launch.sh: usable as-is from a cloud shell script; extra args go to the trainer."""
+    cmd = build_command(cfg)
+    cmd.env.update(extra_env or {})
+    py = python or sys.executable
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Written by vramfit. Starts (or, with --resume, continues) this run.",
+        "# Usable as-is from a shell script: exits non-zero when training fails.",
+        "set -euo pipefail",
+        'RUN_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
+        f'PYTHON="${{PYTHON:-{py}}}"',
+    ]
+    if needs_launcher(cfg) and cfg.launch.nodes > 1:
+        lines.append("# On node k of a multi-node run: NODE_RANK=k bash launch.sh")
+    for k, v in sorted(cmd.env.items()):
+        lines.append(f"export {k}={shlex.quote(v)}")
+    # Quote everything except our own shell variables, which must expand.
+    parts = []
+    for a in cmd.argv:
+        if a in ("$PYTHON", "$RUN_DIR") or a.startswith("${NODE_RANK"):
+            parts.append(f'"{a}"')
+        else:
+            parts.append(shlex.quote(a))
+    lines.append("exec " + " ".join(parts) + ' "$@"')
+    return "\n".join(lines) + "\n"
+
+
+def execute(script: Path, extra_args: list[str] | None = None) -> int:
+    """Run launch.sh, forwarding SIGINT/SIGTERM to the trainer so it can checkpoint."""
+    proc = subprocess.Popen(["bash", str(script), *(extra_args or [])], env=os.environ.copy())
+
+    def forward(signum, _frame):
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,147 @@
+"""Resolved config + hardware facts + model shape -> Plan (memory breakdown, fit verdict).
+
+Pure: hardware facts are passed in, never probed here, so a fake 8 GB card tests it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import RunConfig
+from .embedded import EMBEDDED_MODEL
+from .errors import FitError, ModelError
+from .hardware import HardwareFacts
+from .memory import GIB, MemoryBreakdown, estimate
+from .model_shape import ModelShape
+
+
+@dataclass
+class Plan:
+    config: RunConfig
+    sources: dict[str, str]
+    preset: str | None
+    shape: ModelShape
+    hardware: HardwareFacts
+    dtype: str  # resolved compute dtype
+    device: str  # "cuda" or "cpu"
+    budget_gib: float | None
+    budget_source: str | None
+    breakdown: MemoryBreakdown
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_ref(self) -> str:
+        return self.config.model.name or EMBEDDED_MODEL
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_gib is None or self.breakdown.peak_gib <= self.budget_gib
+
+    def summary(self) -> dict[str, Any]:
+        """The machine-readable plan (`vramfit plan --json`, plan.yaml)."""
+        return {
+            "model": self.model_ref,
+            "preset": self.preset,
+            "method": self.config.method,
+            "device": self.device,
+            "dtype": self.dtype,
+            "world_size": self.config.world_size,
+            "predicted_peak_gib": round(self.breakdown.peak_gib, 3),
+            "budget_gib": self.budget_gib,
+            "budget_source": self.budget_source,
+            "fits": self.fits,
+            "breakdown": self.breakdown.gib(),
+            "trainable_params": self.breakdown.trainable_params,
+            "total_params": self.shape.total_params,
+            "notes": self.notes,
+            "config": self.config.model_dump(mode="json"),
+            "sources": self.sources,
+            "shape": self.shape.to_dict(),
+            "hardware": self.hardware.to_dict(),
+        }
+
+
+def resolve_dtype(requested: str, facts: HardwareFacts) -> str:
+    if requested != "auto":
+        return requested
+    if not facts.has_gpu:
+        return "float32"  # CPU matmuls in bf16 are slow and lossy for a tiny model
+    return "bfloat16" if all(g.bf16 for g in facts.gpus) else "float16"
+
+
+def build_plan(
+    config: RunConfig,
+    shape: ModelShape,
+    facts: HardwareFacts,
+    sources: dict[str, str] | None = None,
+    preset: str | None = None,
+) -> Plan:
+    unknown = shape.unknown_targets(config.lora.target_modules) if config.uses_adapter else []
+    if unknown:
+        valid = ", ".join(shape.layer_linears())
+        raise ModelError(
+            f"lora.target_modules {unknown} are not linear layers of this {shape.model_type} model",
+            f"use some of: {valid}, or all-linear",
+        )
+    if config.method == "qlora" and not facts.has_gpu:
+        raise FitError("qlora needs an NVIDIA GPU (bitsandbytes 4-bit kernels)", "use --preset cpu, or method lora")
+    notes: list[str] = []
+    dtype = resolve_dtype(config.model.dtype, facts)
+    if config.budget_gib is not None:
+        budget, budget_source = config.budget_gib, "--budget"
+    elif facts.has_gpu:
+        budget, budget_source = facts.min_total_gib, f"smallest detected GPU ({facts.gpus[0].name})"
+        if not facts.all_same_model:
+            notes.append("GPUs differ in size: planned for the smallest")
+    else:
+        budget, budget_source = None, None
+    if facts.has_gpu and config.world_size > facts.gpu_count * config.launch.nodes:
+        notes.append(f"plan asks for {config.launch.gpus} GPUs per node but {facts.gpu_count} were detected here")
+    device = "cuda" if facts.has_gpu else "cpu"
+    breakdown = estimate(shape, config, dtype, device)
+    plan = Plan(
+        config=config,
+        sources=sources or {},
+        preset=preset,
+        shape=shape,
+        hardware=facts,
+        dtype=dtype,
+        device=device,
+        budget_gib=budget,
+        budget_source=budget_source,
+        breakdown=breakdown,
+        notes=notes,
+    )
+    return plan
+
+
+def require_fit(plan: Plan) -> None:
+    """Raise FitError naming the predicted peak and a change that would fit."""
+    if plan.fits:
+        return
+    need = plan.breakdown.peak_gib
+    raise FitError(
+        f"predicted peak {need:.1f} GiB exceeds the {plan.budget_gib:g} GiB budget",
+        suggest_fit(plan) + "; or pass --set key=value to change the plan",
+    )
+
+
+def suggest_fit(plan: Plan) -> str:
+    """The first single change (shorter sequence, smaller batch, QLoRA) that fits the budget."""
+    cfg, budget = plan.config, plan.budget_gib or 0.0
+
+    def peak(c: RunConfig) -> float:
+        return estimate(plan.shape, c, plan.dtype, plan.device).peak / GIB
+
+    seq = cfg.data.seq_len
+    while seq > 128:
+        seq //= 2
+        c = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": seq})})
+        if peak(c) <= budget:
+            return f"data.seq_len={seq} fits ({peak(c):.1f} GiB)"
+    if cfg.method != "qlora" and plan.device == "cuda":
+        c = cfg.model_copy(update={"method": "qlora"})
+        if peak(c) <= budget:
+            return f"method=qlora fits ({peak(c):.1f} GiB)"
+    return f"this model needs a budget of at least {peak(cfg):.1f} GiB as configured; try a smaller model or --preset zero3-offload"

@@ -1,0 +1,254 @@
+"""The training process: ``python -m vramfit.train RUN_DIR [--resume]``.
+
+Reads only the run directory (plan.yaml and the rendered JSON configs), so what
+ran is exactly what was planned. The only module that imports torch and
+transformers at top level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Before transformers imports bitsandbytes, whose CPU build warns about optional kernels.
+if not os.environ.get("VRAMFIT_DEBUG"):
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from .config import RunConfig
+from .errors import VramfitError
+from .gpu_memory import MemoryMonitor, apply_budget
+from .model_source import load_tokenizer, resolve_model_dir
+from .quiet import quiet_libraries
+from .render import ADAPTER, CHECKPOINTS, METRICS, read_plan
+
+GIB = 1 << 30
+
+
+class Log:
+    """One-line progress to stdout and RUN_DIR/train.log (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = open(run_dir / "train.log", "a", encoding="utf-8") if enabled else None
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        print(msg, flush=True)
+        self.file.write(msg + "\n")
+        self.file.flush()
+
+
+class TokenCountingTrainer(Trainer):
+    """Counts real (non-padding) tokens, for tokens/s that compare across batch shapes."""
+
+    tokens_seen = 0
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            self.tokens_seen += int(mask.sum())
+        return super().training_step(model, inputs, *args, **kwargs)
+
+
+class Progress(TrainerCallback):
+    def __init__(self, log: Log, trainer_ref: list, monitor: MemoryMonitor) -> None:
+        self.log, self.trainer_ref, self.monitor = log, trainer_ref, monitor
+        self.t0 = self.last_t = None
+        self.last_tokens = 0
+        self.losses: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = self.last_t = time.perf_counter()
+        self.start_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kw):
+        self.monitor.sample()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        tokens = self.trainer_ref[0].tokens_seen
+        rate = (tokens - self.last_tokens) / max(now - self.last_t, 1e-9)
+        self.last_t, self.last_tokens = now, tokens
+        self.losses.append(float(logs["loss"]))
+        mem = self.monitor.line()
+        self.log(
+            f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+            f"lr {logs.get('learning_rate', 0):.2e} | {rate:,.0f} tok/s" + (f" | {mem}" if mem else "")
+        )
+
+
+def _torch_dtype(name: str):
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_model(doc: dict[str, Any], cfg: RunConfig, run_dir: Path):
+    model_dir = resolve_model_dir(doc["model_path"])
+    kwargs: dict[str, Any] = {
+        "dtype": _torch_dtype(doc["dtype"]),
+        "attn_implementation": cfg.model.attn_implementation,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    bnb_file = run_dir / "bnb_config.json"
+    if bnb_file.is_file():
+        from transformers import BitsAndBytesConfig
+
+        bnb = json.loads(bnb_file.read_text())
+        for k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+            if k in bnb and bnb[k] != "uint8":
+                bnb[k] = _torch_dtype(bnb[k])
+        kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
+    if doc["device"] == "cuda" and cfg.deepspeed.stage != 3:
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False  # the KV cache is dead weight in training
+    if cfg.method == "qlora" and cfg.quant.upcast_embeddings:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    lora_file = run_dir / "lora_config.json"
+    if lora_file.is_file():
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(**json.loads(lora_file.read_text())))
+    return model
+
+
+def save_final(trainer: Trainer, tokenizer, run_dir: Path, name: str) -> Path:
+    """Save adapter/model + tokenizer under a temporary name, then swap it in."""
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp"
+    old = run_dir / f".{name}.old"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))  # every rank: ZeRO-3 gathers the weights collectively
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def run(run_dir: Path, resume: bool) -> dict[str, Any]:
+    from .data import Collator, build_datasets
+
+    doc = read_plan(run_dir)
+    quiet_libraries(doc["device"])
+    cfg = RunConfig.model_validate(doc["config"])
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    log = Log(run_dir, rank0)
+    monitor = MemoryMonitor(doc["device"] == "cuda")
+    if doc["device"] == "cuda":
+        if not torch.cuda.is_available():
+            raise VramfitError("this run was planned for a GPU, but torch sees none", "plan it again here: `vramfit train`")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if cfg.budget_gib:
+            log(apply_budget(cfg.budget_gib, monitor))
+
+    tokenizer = load_tokenizer(doc["model_path"], cfg.model.trust_remote_code)
+    data_cfg = cfg.data.model_copy(update={"path": doc.get("data_path")})
+    train_ds, val_ds, stats, fmt = build_datasets(data_cfg, tokenizer, cfg.train.seed)
+    s = stats.to_dict()
+    log(
+        f"data: {s['n_examples']} examples ({fmt}), {stats.truncated_share:.1%} truncated at {cfg.data.seq_len} tokens,"
+        f" {s['n_dropped']} dropped (no response left)" + (f", {len(val_ds)} for validation" if val_ds is not None else "")
+    )
+
+    torch.manual_seed(cfg.train.seed)
+    model = load_model(doc, cfg, run_dir)
+    args_dict = json.loads((run_dir / "training_args.json").read_text())
+    args_dict["output_dir"] = str(run_dir / CHECKPOINTS)
+    if args_dict.get("deepspeed"):
+        args_dict["deepspeed"] = str(run_dir / args_dict["deepspeed"])
+    args = TrainingArguments(**args_dict)
+
+    trainer_ref: list = []
+    progress = Progress(log, trainer_ref, monitor)
+    trainer = TokenCountingTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=Collator(tokenizer),
+        callbacks=[progress],
+    )
+    trainer_ref.append(trainer)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # Progress prints the one line we want
+    checkpoint = None
+    if resume:
+        ckpts = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        checkpoint = str(ckpts[-1]) if ckpts else None
+        log(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: starting from step 0")
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    final = save_final(trainer, tokenizer, run_dir, ADAPTER if cfg.uses_adapter else "model")
+
+    metrics = {
+        "steps": trainer.state.global_step,
+        "first_loss": round(progress.losses[0], 4) if progress.losses else None,
+        "final_loss": round(progress.losses[-1], 4) if progress.losses else None,
+        "train_loss": round(result.training_loss, 4),
+        "tokens": trainer.tokens_seen * int(os.environ.get("WORLD_SIZE", 1)),
+        "train_seconds": round(seconds, 2),
+        "tokens_per_s": round(trainer.tokens_seen * int(os.environ.get("WORLD_SIZE", 1)) / max(seconds, 1e-9), 1),
+        "predicted_peak_gib": doc.get("predicted_peak_gib"),
+        "budget_gib": cfg.budget_gib,
+        "data": s,
+        "output": str(final),
+        **monitor.summary(),
+    }
+    if rank0:
+        tmp = run_dir / f".{METRICS}.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(tmp, run_dir / METRICS)
+        log(f"saved {final}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vramfit.train", description="Train the run in RUN_DIR.")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--resume", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        run(a.run_dir.resolve(), a.resume)
+    except VramfitError as e:
+        if os.environ.get("VRAMFIT_DEBUG"):
+            raise
+        print(f"error: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+    except torch.cuda.OutOfMemoryError as e:
+        if os.environ.get("VRAMFIT_DEBUG"):
+            raise
+        first = str(e).split(".")[0]
+        print(
+            f"error: CUDA out of memory ({first}) (hint: lower data.seq_len or train.micro_batch, "
+            f"then `vramfit train --resume --out {a.run_dir}`)",
+            file=sys.stderr,
+        )
+        return 5
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
