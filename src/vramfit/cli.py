@@ -161,7 +161,14 @@ def _make_plan(model, preset, data, budget, config_file, set_items):
         if resolved.sources.get("launch.gpus", "").startswith("preset"):
             resolved = resolve_layers(preset, config_file, overrides, [f"launch.gpus={facts.gpu_count}", *(set_items or [])])
     shape = load_shape(resolved.config.model.name)
-    return build_plan(resolved.config, shape, facts, resolved.sources, preset)
+    plan = build_plan(resolved.config, shape, facts, resolved.sources, preset)
+    # Read the dataset now: a malformed file should fail before a run dir exists.
+    from .data import load_records
+
+    d = resolved.config.data
+    _, fmt = load_records(d.path, d.format, d.max_examples)
+    plan.notes.append(f"data: {d.path or 'shipped demo set'} ({fmt})")
+    return plan
 
 
 def _default_out(plan) -> Path:
