@@ -29,13 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sh(argv: list[str], log: Path) -> tuple[int, float]:
-    print("$ " + shlex.join(argv), flush=True)
+    """Run a command, streaming its output to stdout and the log as it comes (a killed
+    proof still leaves its log)."""
     t = time.perf_counter()
     with log.open("a") as f:
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        f.write(p.stdout)
-    tail = "\n".join(p.stdout.splitlines()[-25:])
-    print(tail, flush=True)
+        f.write("$ " + shlex.join(argv) + "\n")
+        print("$ " + shlex.join(argv), flush=True)
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in p.stdout:
+            f.write(line)
+            f.flush()
+            print(line, end="", flush=True)
+        p.wait()
     return p.returncode, time.perf_counter() - t
 
 
