@@ -163,7 +163,11 @@ def _make_plan(model, preset, data, budget, config_file, set_items):
     shape = load_shape(resolved.config.model.name)
     plan = build_plan(resolved.config, shape, facts, resolved.sources, preset)
     # Read the dataset now: a malformed file should fail before a run dir exists.
+    import datasets
+
     from .data import load_records
+
+    datasets.disable_progress_bars()  # the one-line error (or the plan) is the output
 
     d = resolved.config.data
     _, fmt = load_records(d.path, d.format, d.max_examples)
@@ -312,7 +316,7 @@ def merge(
     result = merge_run(run_dir, out, force=force)
     typer.echo(
         f"merged model: {result.out}\n  verified on {result.prompts} prompts: largest logit difference "
-        f"{result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g}, {result.dtype})"
+        f"{result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g}; merged in fp32 on {result.device}, saved as {result.dtype})"
     )
 
 

@@ -86,6 +86,11 @@ def build_plan(
         )
     if config.method == "qlora" and not facts.has_gpu:
         raise FitError("qlora needs an NVIDIA GPU (bitsandbytes 4-bit kernels)", "use --preset cpu, or method lora")
+    if config.deepspeed.stage and not facts.has_gpu:
+        raise FitError(
+            f"DeepSpeed ZeRO-{config.deepspeed.stage} needs NVIDIA GPUs and none was found",
+            "use --preset cpu here, or run this plan on a GPU machine",
+        )
     notes: list[str] = []
     dtype = resolve_dtype(config.model.dtype, facts)
     if config.budget_gib is not None:
@@ -128,20 +133,36 @@ def require_fit(plan: Plan) -> None:
 
 
 def suggest_fit(plan: Plan) -> str:
-    """The first single change (shorter sequence, smaller batch, QLoRA) that fits the budget."""
+    """A change that fits the budget, checked against the memory model: shorter sequence,
+    QLoRA (alone or with a shorter sequence), or another preset; else the budget needed."""
     cfg, budget = plan.config, plan.budget_gib or 0.0
 
     def peak(c: RunConfig) -> float:
         return estimate(plan.shape, c, plan.dtype, plan.device).peak / GIB
 
-    seq = cfg.data.seq_len
-    while seq > 128:
-        seq //= 2
-        c = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": seq})})
-        if peak(c) <= budget:
-            return f"data.seq_len={seq} fits ({peak(c):.1f} GiB)"
-    if cfg.method != "qlora" and plan.device == "cuda":
-        c = cfg.model_copy(update={"method": "qlora"})
-        if peak(c) <= budget:
-            return f"method=qlora fits ({peak(c):.1f} GiB)"
-    return f"this model needs a budget of at least {peak(cfg):.1f} GiB as configured; try a smaller model or --preset zero3-offload"
+    def with_seq(c: RunConfig, seq: int) -> RunConfig:
+        return c.model_copy(update={"data": c.data.model_copy(update={"seq_len": seq})})
+
+    methods = [cfg] + ([cfg.model_copy(update={"method": "qlora"})] if cfg.method != "qlora" and plan.device == "cuda" else [])
+    for c in methods:
+        label = "" if c is cfg else "method=qlora "
+        seq = cfg.data.seq_len
+        while seq >= 128:
+            cand = with_seq(c, seq)
+            if peak(cand) <= budget:
+                change = label + (f"data.seq_len={seq}" if seq != cfg.data.seq_len else "")
+                return f"--set {change.strip().replace(' ', ' --set ')} fits ({peak(cand):.1f} GiB)"
+            seq //= 2
+    from .presets import list_presets, resolve
+
+    for p in sorted(list_presets(), key=lambda p: -(p.card_gib or 0)):
+        if p.name in ("cpu", plan.preset) or (p.values.get("deepspeed") and plan.device != "cuda"):
+            continue
+        try:
+            c = resolve([(p.name, p.values)]).config
+        except Exception:  # a preset that doesn't validate is not a suggestion
+            continue
+        c = c.model_copy(update={"model": cfg.model, "data": cfg.data.model_copy(update={"seq_len": c.data.seq_len})})
+        if (c.method != "qlora" or plan.device == "cuda") and peak(c) <= budget:
+            return f"--preset {p.name} fits ({peak(c):.1f} GiB)"
+    return f"this model needs a budget of at least {peak(cfg):.1f} GiB as configured; try a smaller model"

@@ -146,6 +146,34 @@ def save_final(trainer: Trainer, tokenizer, run_dir: Path, name: str) -> Path:
     return final
 
 
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (the Trainer writes trainer_state.json last)."""
+    ckpts = [p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    ckpts = [p for p in ckpts if (p / "trainer_state.json").is_file()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def checkpoint_is_final(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+# Trainer state that belongs to the checkpoint, not to the trained model.
+_STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "scaler.pt")
+
+
+def promote_checkpoint(checkpoint: Path, tokenizer, run_dir: Path, name: str) -> Path:
+    """Make the final adapter/model from a complete last checkpoint, atomically."""
+    tmp, final = run_dir / f".{name}.tmp", run_dir / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(
+        checkpoint, tmp, ignore=lambda _d, names: [n for n in names if n in _STATE_FILES or n.startswith("rng_state")]
+    )
+    tokenizer.save_pretrained(str(tmp))
+    os.rename(tmp, final)
+    return final
+
+
 def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     from .data import Collator, build_datasets
 
@@ -194,14 +222,20 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
 
     trainer.remove_callback(PrinterCallback)  # Progress prints the one line we want
     checkpoint = None
+    final_name = ADAPTER if cfg.uses_adapter else "model"
     if resume:
-        ckpts = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        checkpoint = str(ckpts[-1]) if ckpts else None
+        checkpoint = last_checkpoint(run_dir)
         log(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: starting from step 0")
+        if checkpoint and checkpoint_is_final(checkpoint):
+            # The Trainer would train one step past max_steps on such a resume.
+            if rank0 and not (run_dir / final_name).is_dir():
+                promote_checkpoint(checkpoint, tokenizer, run_dir, final_name)
+            log(f"run already complete at step {json.loads((checkpoint / 'trainer_state.json').read_text())['global_step']}: nothing to train")
+            return json.loads((run_dir / METRICS).read_text()) if (run_dir / METRICS).is_file() else {}
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
-    final = save_final(trainer, tokenizer, run_dir, ADAPTER if cfg.uses_adapter else "model")
+    final = save_final(trainer, tokenizer, run_dir, final_name)
 
     metrics = {
         "steps": trainer.state.global_step,

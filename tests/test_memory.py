@@ -1,0 +1,307 @@
+"""The memory model: known answers measured on a GPU, monotonicity, ZeRO, fit verdicts."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import QWEN7B_CONFIG
+from vramfit.config import RunConfig
+from vramfit.errors import FitError
+from vramfit.hardware import fake_facts
+from vramfit.memory import CUDA_CONTEXT_GIB, GIB, MemoryBreakdown, estimate
+from vramfit.model_shape import shape_from_config
+from vramfit.plan import build_plan, require_fit, suggest_fit
+from vramfit.presets import resolve_layers
+
+Q7 = shape_from_config(QWEN7B_CONFIG)
+
+
+def cfg(**sections) -> RunConfig:
+    return RunConfig.model_validate(sections)
+
+
+def allocated_gib(b: MemoryBreakdown) -> float:
+    """Peak allocated as torch.cuda.max_memory_allocated measures it: no slack, no context."""
+    return (b.peak - b.allocator_slack - b.cuda_context) / GIB
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def test_qwen25_7b_parameter_count():
+    assert Q7.total_params == 7_615_616_512
+    assert Q7.head_dim == 128 and Q7.kv_heads == 4
+    assert Q7.attention_bias  # qwen2's q/k/v biases
+    assert Q7.head_params == Q7.embed_params == 152064 * 3584
+
+
+def test_tied_embeddings_not_counted_twice():
+    tied = shape_from_config({**QWEN7B_CONFIG, "tie_word_embeddings": True})
+    assert Q7.total_params - tied.total_params == 152064 * 3584
+
+
+def test_lora_param_count():
+    # q_proj (3584->3584) + v_proj (3584->512), r=8, 28 layers
+    assert Q7.lora_params(8, ["q_proj", "v_proj"]) == 28 * 8 * ((3584 + 3584) + (3584 + 512))
+    all_linear = Q7.lora_params(1, "all-linear")
+    assert all_linear == 28 * (
+        (3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584) + 2 * (3584 + 18944) + (18944 + 3584)
+    )
+
+
+# ---------------------------------------------------------------- known answers (H200)
+
+
+def test_known_answer_qlora_r8_qv_seq512():
+    c = cfg(
+        method="qlora",
+        quant={"bits": 4, "quant_type": "nf4", "double_quant": True, "upcast_embeddings": False},
+        lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        data={"seq_len": 512},
+        train={"micro_batch": 1, "grad_ckpt": True},
+    )
+    b = estimate(Q7, c, "bfloat16", "cuda")
+    assert allocated_gib(b) == pytest.approx(6.25, rel=0.10)
+    assert b.trainable_params == Q7.lora_params(8, ["q_proj", "v_proj"])
+    assert b.cuda_context == CUDA_CONTEXT_GIB * GIB
+
+
+def test_known_answer_bf16_lora_r128_all_linear_seq1536():
+    c = cfg(
+        method="lora",
+        lora={"r": 128, "alpha": 256, "target_modules": "all-linear"},
+        data={"seq_len": 1536},
+        train={"micro_batch": 1, "grad_ckpt": True},
+    )
+    b = estimate(Q7, c, "bfloat16", "cuda")
+    assert allocated_gib(b) == pytest.approx(20.98, rel=0.10)
+
+
+def test_upcast_embeddings_costs_about_2_gib():
+    base = dict(method="qlora", data={"seq_len": 512}, lora={"r": 8, "target_modules": ["q_proj", "v_proj"]})
+    lo = estimate(Q7, cfg(**base, quant={"upcast_embeddings": False}))
+    hi = estimate(Q7, cfg(**base, quant={"upcast_embeddings": True}))
+    # fp32 instead of bf16 embeddings + lm_head: 2 extra bytes x 2 x 545M params = 2.03 GiB
+    assert (hi.weights - lo.weights) / GIB == pytest.approx(2.03, abs=0.05)
+
+
+def test_breakdown_parts_sum_to_peak():
+    b = estimate(Q7, cfg(), "bfloat16")
+    assert b.peak == pytest.approx(sum(getattr(b, p) for p in MemoryBreakdown.PARTS))
+    assert set(b.gib()) == set(MemoryBreakdown.PARTS)
+    assert b.allocator_slack > 0
+    assert estimate(Q7, cfg(), "float32", "cpu").cuda_context == 0
+
+
+def test_full_finetune_trains_every_param():
+    b = estimate(Q7, cfg(method="full"), "bfloat16")
+    assert b.trainable_params == Q7.total_params
+    assert b.adapters == 0
+    # bf16 weights + bf16 grads + 2 x bf16 Adam moments
+    assert b.weights == Q7.total_params * 2
+    assert b.optimizer == Q7.total_params * 4
+    b8 = estimate(Q7, cfg(method="full", train={"optimizer": "adamw_8bit"}), "bfloat16")
+    assert b8.optimizer == Q7.total_params * 2
+
+
+def test_float32_costs_more_than_bf16():
+    c = cfg()
+    assert estimate(Q7, c, "float32").peak > estimate(Q7, c, "bfloat16").peak
+
+
+# ---------------------------------------------------------------- monotonicity
+
+
+BASE = {
+    "method": st.sampled_from(["full", "lora", "qlora"]),
+    "ckpt": st.booleans(),
+    "targets": st.sampled_from([["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear"]),
+    "dropout": st.sampled_from([0.0, 0.05]),
+    "dtype": st.sampled_from(["bfloat16", "float16", "float32"]),
+    "stage": st.sampled_from([0, 2, 3]),
+    "gpus": st.integers(1, 8),
+}
+
+
+def build(method, ckpt, targets, dropout, stage, gpus, seq=512, mb=1, r=16):
+    return cfg(
+        method=method,
+        lora={"r": r, "target_modules": targets, "dropout": dropout},
+        data={"seq_len": seq},
+        train={"micro_batch": mb, "grad_ckpt": ckpt},
+        deepspeed={"stage": stage},
+        launch={"gpus": gpus},
+    )
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(seq=st.integers(1, 32768), extra=st.integers(0, 32768), **BASE)
+def test_longer_sequence_never_predicts_less(seq, extra, method, ckpt, targets, dropout, dtype, stage, gpus):
+    a = estimate(Q7, build(method, ckpt, targets, dropout, stage, gpus, seq=seq), dtype)
+    b = estimate(Q7, build(method, ckpt, targets, dropout, stage, gpus, seq=seq + extra), dtype)
+    assert b.peak >= a.peak
+    assert b.activations >= a.activations and b.logits >= a.logits
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(mb=st.integers(1, 64), extra=st.integers(0, 64), **BASE)
+def test_bigger_micro_batch_never_predicts_less(mb, extra, method, ckpt, targets, dropout, dtype, stage, gpus):
+    a = estimate(Q7, build(method, ckpt, targets, dropout, stage, gpus, mb=mb), dtype)
+    b = estimate(Q7, build(method, ckpt, targets, dropout, stage, gpus, mb=mb + extra), dtype)
+    assert b.peak >= a.peak
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(r=st.integers(1, 1024), extra=st.integers(0, 1024), **BASE)
+def test_higher_lora_rank_never_predicts_less(r, extra, method, ckpt, targets, dropout, dtype, stage, gpus):
+    a = estimate(Q7, build(method, ckpt, targets, dropout, stage, gpus, r=r), dtype)
+    b = estimate(Q7, build(method, ckpt, targets, dropout, stage, gpus, r=r + extra), dtype)
+    assert b.peak >= a.peak
+    assert b.trainable_params >= a.trainable_params
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(seq=st.integers(64, 8192), mb=st.integers(1, 8), method=st.sampled_from(["lora", "qlora", "full"]))
+def test_checkpointing_never_costs_more(seq, mb, method):
+    on = estimate(Q7, build(method, True, "all-linear", 0.05, 0, 1, seq=seq, mb=mb))
+    off = estimate(Q7, build(method, False, "all-linear", 0.05, 0, 1, seq=seq, mb=mb))
+    assert on.activations <= off.activations
+
+
+# ---------------------------------------------------------------- ZeRO
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_with_two_gpus_predicts_less_per_gpu(stage, method):
+    one = estimate(Q7, cfg(method=method, deepspeed={"stage": stage}, launch={"gpus": 1}))
+    two = estimate(Q7, cfg(method=method, deepspeed={"stage": stage}, launch={"gpus": 2}))
+    assert two.peak < one.peak
+    assert two.gradients < one.gradients and two.optimizer < one.optimizer
+    assert two.world_size == 2
+    if stage == 3:
+        assert two.weights == pytest.approx(one.weights / 2)
+    else:
+        assert two.weights == one.weights  # ZeRO-2 keeps the whole model on every GPU
+
+
+def test_plain_data_parallel_does_not_shard():
+    one = estimate(Q7, cfg(launch={"gpus": 1}))
+    two = estimate(Q7, cfg(launch={"gpus": 2}))
+    assert two.peak == one.peak
+
+
+def test_offload_moves_optimizer_and_params_off_gpu():
+    z3 = estimate(Q7, cfg(deepspeed={"stage": 3}))
+    off = estimate(Q7, cfg(deepspeed={"stage": 3, "offload_optimizer": True, "offload_params": True}))
+    assert off.optimizer == 0
+    assert off.weights < z3.weights
+    assert off.peak < z3.peak
+
+
+# ---------------------------------------------------------------- fit on a fake 8 GB card
+
+
+def plan_for(preset, facts, shape=Q7, set_items=None, overrides=None):
+    r = resolve_layers(preset, overrides=overrides, set_items=set_items)
+    return build_plan(r.config, shape, facts, r.sources, preset)
+
+
+def test_8gb_preset_fits_7b_on_8gb_card():
+    p = plan_for("8gb", fake_facts(8), overrides={"budget_gib": 8})
+    assert p.budget_gib == 8 and p.budget_source == "--budget"
+    assert p.breakdown.peak_gib <= 8
+    assert p.fits
+    require_fit(p)  # no error
+    # Without --budget the card itself is the budget.
+    p = plan_for("8gb", fake_facts(8))
+    assert p.budget_gib == pytest.approx(8) and p.fits and "Fake GPU" in p.budget_source
+
+
+def test_24gb_preset_7b_on_8gb_raises_fit_error_with_hint():
+    p = plan_for("24gb", fake_facts(8), overrides={"budget_gib": 8})
+    assert not p.fits
+    with pytest.raises(FitError, match=r"predicted peak \d+\.\d GiB exceeds the 8 GiB budget") as e:
+        require_fit(p)
+    assert e.value.exit_code == 3
+    hint = e.value.hint
+    assert "--set" in hint
+    # The hint names a concrete change.
+    assert any(s in hint for s in ("data.seq_len=", "method=qlora", "--preset", "budget of at least")), hint
+
+
+def _apply_hint(preset, budget, hint, base_set=()):
+    """Re-plan with the change a fit hint names: `--set k=v ...` or `--preset P`."""
+    words = hint.split(" fits")[0].split()
+    if words[0] == "--preset":
+        return plan_for(words[1], fake_facts(budget), overrides={"budget_gib": budget})
+    sets = [w for w in words if w != "--set"]
+    return plan_for(preset, fake_facts(budget), overrides={"budget_gib": budget}, set_items=[*base_set, *sets])
+
+
+def test_fit_hint_names_seq_len_when_shorter_sequence_fits():
+    p = plan_for("24gb", fake_facts(18), overrides={"budget_gib": 18})
+    assert not p.fits
+    hint = suggest_fit(p)
+    assert hint.startswith("--set data.seq_len="), hint
+    seq = int(hint.split("=")[1].split()[0])
+    assert seq < p.config.data.seq_len
+    assert _apply_hint("24gb", 18, hint).fits  # ...and that change really fits
+
+
+def test_fit_hint_names_qlora_when_only_quantization_fits():
+    # bf16 LoRA at seq 512 on a 12 GiB budget: no sequence cut fits (weights alone are 14 GiB).
+    p = plan_for("24gb", fake_facts(12), overrides={"budget_gib": 12}, set_items=["data.seq_len=512"])
+    assert not p.fits
+    hint = suggest_fit(p)
+    assert hint.startswith("--set method=qlora fits"), hint
+    assert _apply_hint("24gb", 12, hint, base_set=["data.seq_len=512"]).fits
+
+
+@pytest.mark.parametrize("preset,budget", [("24gb", 8), ("80gb", 24), ("40gb", 16), ("16gb", 10)])
+def test_fit_hint_suggestion_actually_fits(preset, budget):
+    p = plan_for(preset, fake_facts(budget), overrides={"budget_gib": budget})
+    assert not p.fits
+    hint = suggest_fit(p)
+    assert "fits" in hint, hint
+    fixed = _apply_hint(preset, budget, hint)
+    assert fixed.fits, f"{hint!r} predicts {fixed.breakdown.peak_gib:.1f} GiB > {budget}"
+
+
+def test_fit_hint_says_needed_budget_when_nothing_fits():
+    p = plan_for("8gb", fake_facts(4), overrides={"budget_gib": 4})
+    assert suggest_fit(p).startswith("this model needs a budget of at least 7.")
+
+
+def test_budget_is_smallest_card():
+    from vramfit.hardware import GIB as HGIB
+    from vramfit.hardware import GpuInfo, HardwareFacts
+
+    big, small = fake_facts(80).gpus[0], fake_facts(24).gpus[0]
+    small = GpuInfo(1, "Small", small.total_bytes, small.free_bytes, 0, (8, 9), True, ())
+    facts = HardwareFacts((big, small), None, None, 64 * HGIB, 64 * HGIB, 8, None)
+    p = plan_for("24gb", facts)
+    assert p.budget_gib == pytest.approx(24)
+    assert any("differ" in n for n in p.notes)
+
+
+def test_cpu_plan_has_no_budget(no_gpu_facts):
+    from vramfit.embedded import tiny_config
+
+    p = plan_for("cpu", no_gpu_facts, shape=shape_from_config(tiny_config()))
+    assert p.device == "cpu" and p.dtype == "float32"
+    assert p.budget_gib is None and p.fits
+    assert p.breakdown.cuda_context == 0
+
+
+def test_qlora_refused_without_gpu(no_gpu_facts):
+    with pytest.raises(FitError, match="qlora needs an NVIDIA GPU"):
+        plan_for("8gb", no_gpu_facts)
+
+
+def test_dtype_follows_card():
+    assert plan_for("24gb", fake_facts(24, cc=(8, 0))).dtype == "bfloat16"
+    assert plan_for("24gb", fake_facts(24, cc=(7, 5))).dtype == "float16"
+    assert plan_for("24gb", fake_facts(24), set_items=["model.dtype=float32"]).dtype == "float32"
