@@ -333,9 +333,10 @@ def test_out_dir_already_holds_a_run(work):
     out = work / "run"
     assert invoke("plan", "--out", out).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    for cmd in ("plan", "train"):
+    # plan never reuses a run dir; train continues the same run but refuses a different one.
+    for cmd, msg in (("plan", "already holds a run"), ("train", "holds a different run (differs in lora.r)")):
         r = invoke(cmd, "--out", out, "--set", "lora.r=2")
-        assert_clean_error(r, 2, "already holds a run", "--resume")
+        assert_clean_error(r, 2, msg, "--resume")
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p for p in work.iterdir() if ".tmp" in p.name] == []
 

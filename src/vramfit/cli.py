@@ -48,6 +48,10 @@ def handled(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # `vramfit plan | head`: the reader left; say nothing more, like other Unix tools.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as e:  # a bug, not bad input: still one line unless debugging
             if os.environ.get("VRAMFIT_DEBUG"):
                 traceback.print_exc()
@@ -264,7 +268,7 @@ def train(
     """Plan, write the run directory, and train."""
     from .launch import execute
     from .plan import require_fit
-    from .render import METRICS, read_plan, write_run_dir
+    from .render import METRICS, PLAN_FILE, plan_differences, read_plan, write_run_dir
 
     if resume:
         if out is None:
@@ -276,13 +280,35 @@ def train(
     else:
         p = _make_plan(model, preset, data, budget, config, set_)
         require_fit(p)
-        run_dir = write_run_dir(p, out or _default_out(p))
+        target = (out or _default_out(p)).expanduser().resolve()
+        if (target / PLAN_FILE).is_file():
+            # The same command again continues the run (a preempted machine's script
+            # just reruns itself); a different plan never overwrites it.
+            diffs = plan_differences(read_plan(target), p)
+            if diffs:
+                raise UsageError(
+                    f"{target} holds a different run (differs in {', '.join(diffs[:4])})",
+                    "pass --out NEW_DIR for a new run, or --resume to continue that one as planned",
+                )
+            typer.echo(f"{target} holds this same run: continuing it from its last checkpoint")
+            resume, run_dir = True, target
+        else:
+            run_dir = write_run_dir(p, target)
         _print_plan(p, verbose=False)
         typer.echo(f"run directory: {run_dir}")
         if dry_run:
             typer.echo(f"dry run: nothing trained. Start it with: bash {run_dir}/launch.sh")
             return
     code = execute(run_dir / "launch.sh", ["--resume"] if resume else [])
+    from .errors import Preempted, RunLocked
+
+    if code == Preempted.exit_code:
+        raise Preempted(
+            f"training was stopped by a signal; the last checkpoint in {run_dir} is kept",
+            "rerun the same command (or `vramfit train --resume --out RUN_DIR`) to continue from it",
+        )
+    if code == RunLocked.exit_code:
+        raise RunLocked(f"{run_dir} is in use by another training process", "wait for it to finish")
     if code != 0:
         from .errors import TrainingFailed
 

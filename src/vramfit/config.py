@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 Method = Literal["full", "lora", "qlora"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -112,6 +112,14 @@ class LaunchConfig(_Section):
         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_as_strings(cls, v):
+        # `--set launch.env.OMP_NUM_THREADS=4` parses 4 as an int; the environment wants text.
+        if isinstance(v, dict):
+            return {str(k): str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()}
+        return v
 
 
 class RunConfig(_Section):

@@ -53,3 +53,15 @@ class TrainingFailed(VramfitError):
     """The training process exited with an error."""
 
     exit_code = 4
+
+
+class Preempted(VramfitError):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; rerun to resume."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class RunLocked(VramfitError):
+    """Another training process holds the run directory."""
+
+    exit_code = 6

@@ -76,11 +76,17 @@ def launch_script(cfg: RunConfig, python: str | None = None, extra_env: dict[str
 
 
 def execute(script: Path, extra_args: list[str] | None = None) -> int:
-    """Run launch.sh, forwarding SIGINT/SIGTERM to the trainer so it can checkpoint."""
+    """Run launch.sh and wait; the trainer checkpoints on SIGTERM/SIGINT and exits 75.
+
+    SIGTERM sent to this process alone (``kill PID``, a container's PID 1) is passed
+    on to the trainer. SIGINT is not: Ctrl-C already reaches the whole foreground
+    process group, and a second SIGINT tells the trainer to stop without saving.
+    """
     proc = subprocess.Popen(["bash", str(script), *(extra_args or [])], env=os.environ.copy())
 
     def forward(signum, _frame):
-        proc.send_signal(signum)
+        if signum == signal.SIGTERM:
+            proc.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

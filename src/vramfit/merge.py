@@ -133,13 +133,19 @@ def merge_run(run_dir: Path, out: Path | None = None, force: bool = False) -> Me
     try:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
-        # Swap in one rename: an interrupted merge leaves only dot-named temporaries.
+        # An interrupted merge leaves only dot-named temporaries; a replaced output
+        # is moved aside first and deleted only once the new one is in place.
         if out.exists():
             os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if old.exists() and not out.exists():
+                os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return MergeResult(
         out=out, max_abs_diff=diff, tolerance=tolerance, prompts=len(PROMPTS), dtype=dtype_name, device=device
     )

@@ -94,7 +94,8 @@ def build_plan(
     notes: list[str] = []
     dtype = resolve_dtype(config.model.dtype, facts)
     if config.budget_gib is not None:
-        budget, budget_source = config.budget_gib, "--budget"
+        src = (sources or {}).get("budget_gib", "flag")
+        budget, budget_source = config.budget_gib, "--budget" if src == "flag" else f"budget_gib from {src}"
     elif facts.has_gpu:
         budget, budget_source = facts.min_total_gib, f"smallest detected GPU ({facts.gpus[0].name})"
         if not facts.all_same_model:
@@ -105,6 +106,10 @@ def build_plan(
         notes.append(f"plan asks for {config.launch.gpus} GPUs per node but {facts.gpu_count} were detected here")
     device = "cuda" if facts.has_gpu else "cpu"
     breakdown = estimate(shape, config, dtype, device)
+    if facts.has_gpu and facts.min_free_gib < breakdown.peak_gib <= (budget or 0):
+        notes.append(
+            f"only {facts.min_free_gib:.1f} GiB is free on the GPU now (other processes hold memory; see `vramfit detect`)"
+        )
     plan = Plan(
         config=config,
         sources=sources or {},
@@ -158,6 +163,8 @@ def suggest_fit(plan: Plan) -> str:
     for p in sorted(list_presets(), key=lambda p: -(p.card_gib or 0)):
         if p.name in ("cpu", plan.preset) or (p.values.get("deepspeed") and plan.device != "cuda"):
             continue
+        if (p.values.get("method") == "full") != (cfg.method == "full"):
+            continue  # never suggest switching between adapters and full fine-tuning
         try:
             c = resolve([(p.name, p.values)]).config
         except Exception:  # a preset that doesn't validate is not a suggestion

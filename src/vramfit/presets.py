@@ -1,7 +1,7 @@
 """Presets and configuration layering.
 
 Precedence, lowest first: built-in defaults < preset < ``--config FILE`` <
-``--set key=value`` and flags. Each resolved value remembers which layer set it
+flags (``--model``, ``--data``, ``--budget``) < ``--set key=value``. Each resolved value remembers which layer set it
 (``Resolved.sources``), so ``vramfit plan`` can say where every number came from.
 """
 
@@ -188,6 +188,8 @@ def resolve(layers: list[tuple[str, dict[str, Any]]], preset: Preset | None = No
             continue
         _check_keys(values, source)
         for k, v in _flatten(values).items():
+            if isinstance(flat.get(k), dict) and isinstance(v, dict):
+                v = {**flat[k], **v}  # maps (launch.env) merge key by key across layers
             flat[k] = v
             sources[k] = source
     try:

@@ -186,6 +186,22 @@ def write_run_dir(plan: Plan, out: Path) -> Path:
     return out
 
 
+def plan_differences(doc: dict[str, Any], plan: Plan) -> list[str]:
+    """Dotted keys where an existing run's plan.yaml and a new plan disagree."""
+    new = plan_document(plan, resolve_path(plan.config.data.path), resolve_path(plan.config.model.name) or plan.model_ref)
+    diffs = [k for k in ("model_path", "data_path") if doc.get(k) != new[k]]
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(prefix.rstrip("."))
+
+    walk(doc.get("config"), new["config"], "")
+    return diffs
+
+
 def read_plan(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / PLAN_FILE
     if not path.is_file():

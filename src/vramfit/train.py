@@ -25,9 +25,10 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from .config import RunConfig
-from .errors import VramfitError
+from .errors import Preempted, RunLocked, VramfitError
 from .gpu_memory import MemoryMonitor, apply_budget
 from .model_source import load_tokenizer, resolve_model_dir
+from .preempt import PreemptionCallback
 from .quiet import quiet_libraries
 from .render import ADAPTER, CHECKPOINTS, METRICS, read_plan
 
@@ -123,7 +124,12 @@ def load_model(doc: dict[str, Any], cfg: RunConfig, run_dir: Path):
     lora_file = run_dir / "lora_config.json"
     if lora_file.is_file():
         from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
 
+        # Seed right before the adapter's random init: anything earlier that draws
+        # from the RNG (building the embedded model on first use, say) must not
+        # change the adapter a given seed produces.
+        set_seed(cfg.train.seed)
         model = get_peft_model(model, LoraConfig(**json.loads(lora_file.read_text())))
     return model
 
@@ -153,6 +159,31 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
 
 
+def checkpoint_is_final_step(trainer: Trainer) -> bool:
+    return trainer.state.max_steps > 0 and trainer.state.global_step >= trainer.state.max_steps
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive lock on RUN_DIR/.lock for this process's life: one trainer per run."""
+    import fcntl
+
+    fh = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        raise RunLocked(
+            f"another training process (pid {holder}) is using {run_dir}",
+            "wait for it to finish, or stop it first; two trainers would corrupt the checkpoints",
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
 def checkpoint_is_final(checkpoint: Path) -> bool:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
@@ -179,8 +210,11 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
 
     doc = read_plan(run_dir)
     quiet_libraries(doc["device"])
+    preemption = PreemptionCallback()
+    preemption.install()  # early: a SIGTERM during loading must not kill us mid-write
     cfg = RunConfig.model_validate(doc["config"])
     rank0 = int(os.environ.get("RANK", 0)) == 0
+    lock = lock_run_dir(run_dir) if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None  # noqa: F841 (held until exit)
     log = Log(run_dir, rank0)
     monitor = MemoryMonitor(doc["device"] == "cuda")
     if doc["device"] == "cuda":
@@ -232,9 +266,18 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
                 promote_checkpoint(checkpoint, tokenizer, run_dir, final_name)
             log(f"run already complete at step {json.loads((checkpoint / 'trainer_state.json').read_text())['global_step']}: nothing to train")
             return json.loads((run_dir / METRICS).read_text()) if (run_dir / METRICS).is_file() else {}
+    trainer.add_callback(preemption)
+    if preemption.requested is not None:
+        raise Preempted("stopped by a signal before training started; nothing to save", "rerun the same command to start")
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
+    if preemption.stopped_at is not None and not checkpoint_is_final_step(trainer):
+        log(f"preempted: checkpoint saved at step {preemption.stopped_at}")
+        raise Preempted(
+            f"training stopped by signal {preemption.requested} at step {preemption.stopped_at}; checkpoint saved",
+            f"rerun the same command, or `vramfit train --resume --out {run_dir}`, to continue",
+        )
     final = save_final(trainer, tokenizer, run_dir, final_name)
 
     metrics = {
@@ -276,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         first = str(e).split(".")[0]
         print(
-            f"error: CUDA out of memory ({first}) (hint: lower data.seq_len or train.micro_batch, "
-            f"then `vramfit train --resume --out {a.run_dir}`)",
+            f"error: CUDA out of memory ({first}) (hint: plan again with a smaller data.seq_len or "
+            f"train.micro_batch and a new --out; checkpoints in {a.run_dir} are kept)",
             file=sys.stderr,
         )
         return 5
