@@ -260,7 +260,7 @@ def test_fit_hint_names_qlora_when_only_quantization_fits():
     assert _apply_hint("24gb", 12, hint, base_set=["data.seq_len=512"]).fits
 
 
-@pytest.mark.parametrize("preset,budget", [("24gb", 8), ("80gb", 24), ("40gb", 16), ("16gb", 10)])
+@pytest.mark.parametrize("preset,budget", [("24gb", 8), ("80gb", 50), ("40gb", 16), ("16gb", 10)])
 def test_fit_hint_suggestion_actually_fits(preset, budget):
     p = plan_for(preset, fake_facts(budget), overrides={"budget_gib": budget})
     assert not p.fits
@@ -268,6 +268,14 @@ def test_fit_hint_suggestion_actually_fits(preset, budget):
     assert "fits" in hint, hint
     fixed = _apply_hint(preset, budget, hint)
     assert fixed.fits, f"{hint!r} predicts {fixed.breakdown.peak_gib:.1f} GiB > {budget}"
+
+
+def test_fit_hint_never_turns_full_fine_tuning_into_an_adapter():
+    # Full fine-tuning of a 7B cannot fit 24 GiB; QLoRA would, but that is a different run.
+    p = plan_for("80gb", fake_facts(24), overrides={"budget_gib": 24})
+    hint = suggest_fit(p)
+    assert "qlora" not in hint and "lora" not in hint, hint
+    assert hint.startswith("this model needs a budget of at least 51."), hint
 
 
 def test_fit_hint_says_needed_budget_when_nothing_fits():

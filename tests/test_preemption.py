@@ -4,6 +4,8 @@ the same final adapter as an uninterrupted run; one trainer per run directory.""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -40,21 +42,37 @@ def adapter(run_dir: Path) -> dict:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def sigterm_at_step(cwd: Path, out: str, step: int) -> subprocess.CompletedProcess:
-    """Start the run, send SIGTERM to `vramfit train` once train.log shows `step`."""
-    proc = subprocess.Popen(
-        [vramfit_exe(), *ARGS, "--out", out], cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    log = cwd / out / "train.log"
-    deadline = time.time() + 240
+def _wait_for(cond, proc, timeout=240, poll=0.002) -> bool:
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and f"step {step}/" in log.read_text():
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
+        if cond():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def _logged(log: Path, step: int):
+    return lambda: log.is_file() and f"step {step}/" in log.read_text()
+
+
+def _saving(ckpt: Path):
+    """True while the Trainer is writing `ckpt`: the directory exists, trainer_state.json not yet."""
+    return lambda: ckpt.is_dir() and not (ckpt / "trainer_state.json").exists()
+
+
+def interrupt(cwd: Path, out: str, sig: int, when, extra=(), direct: bool = False) -> tuple[subprocess.CompletedProcess, bool]:
+    """Start the run (the CLI, or launch.sh directly), send `sig` once `when(run_dir)` holds."""
+    run_dir = cwd / out
+    if direct:
+        argv = ["bash", str(run_dir / "launch.sh")]  # exec's the trainer: the pid is the trainer's
+    else:
+        argv = [vramfit_exe(), *ARGS, *extra, "--out", out]
+    proc = subprocess.Popen(argv, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hit = _wait_for(when(run_dir), proc)
+    if hit:
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=240)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), hit
 
 
 @pytest.fixture(scope="module")
@@ -65,31 +83,89 @@ def reference(tmp_path_factory):
     return adapter(cwd / "ref")
 
 
-@pytest.mark.parametrize("step", [3, 11])
-def test_sigterm_checkpoints_and_rerun_resumes_to_same_adapter(tmp_path, reference, step):
+def assert_same_adapter(run_dir: Path, reference: dict) -> None:
     import torch
 
-    p = sigterm_at_step(tmp_path, "run", step)
-    assert p.returncode == 75, p.stdout + p.stderr
-    assert "Traceback" not in p.stderr
-    assert "rerun the same command" in p.stderr
-    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
-    assert len(ckpts) == 1, ckpts
-    stopped = int(ckpts[0].name.split("-")[1])
-    assert step <= stopped < STEPS
-    assert not (tmp_path / "run" / "adapter").exists()  # no final adapter from a stopped run
-
-    again = run(tmp_path, "--out", "run")  # the same command, as a cloud script would rerun it
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "holds this same run: continuing it" in again.stdout
-    assert f"resuming from {ckpts[0]}" in again.stdout
-    assert f"step {STEPS}/{STEPS}" in again.stdout
-    resumed = adapter(tmp_path / "run")
+    resumed = adapter(run_dir)
     assert resumed.keys() == reference.keys()
     # Resume restores weights, Adam state, scheduler, RNG and data position, so on
     # the same machine the arithmetic is the same; allow fp32 reduction-order noise.
     for k in reference:
-        torch.testing.assert_close(resumed[k], reference[k], rtol=1e-4, atol=1e-6, msg=lambda m: m + "\n" + (tmp_path / "run" / "train.log").read_text())
+        torch.testing.assert_close(resumed[k], reference[k], rtol=1e-4, atol=1e-6)
+
+
+# Ten points: early, mid and late steps, and three while a checkpoint is being written.
+SIGTERM_POINTS = [("step", n) for n in (1, 3, 6, 9, 13, 17, 22)] + [("saving", n) for n in (4, 12, 20)]
+
+
+@pytest.mark.parametrize("kind,n", SIGTERM_POINTS, ids=[f"{k}-{n}" for k, n in SIGTERM_POINTS])
+def test_sigterm_checkpoints_and_rerun_resumes_to_same_adapter(tmp_path, reference, kind, n):
+    extra = ["--set", "train.save_steps=4"] if kind == "saving" else []
+    for _attempt in range(3):  # a save can finish between two polls: try again from scratch
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        if kind == "step":
+            when = lambda d: _logged(d / "train.log", n)  # noqa: E731
+        else:
+            when = lambda d: _saving(d / "checkpoints" / f"checkpoint-{n}")  # noqa: E731
+        p, hit = interrupt(tmp_path, "run", signal.SIGTERM, when, extra)
+        if hit:
+            break
+    assert hit, "never caught the run at the chosen point"
+    assert p.returncode == 75, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    assert "rerun the same command" in p.stderr
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    stopped = int(ckpts[-1].name.split("-")[1])
+    assert n <= stopped < STEPS
+    assert all((c / "trainer_state.json").is_file() for c in ckpts)  # a signal never leaves a partial one
+    assert not (tmp_path / "run" / "adapter").exists()  # no final adapter from a stopped run
+
+    again = run(tmp_path, *extra, "--out", "run")  # the same command, as a cloud script would rerun it
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "holds this same run: continuing it" in again.stdout
+    assert f"resuming from {ckpts[-1]}" in again.stdout
+    assert f"step {STEPS}/{STEPS}" in again.stdout
+    assert_same_adapter(tmp_path / "run", reference)
+
+
+# SIGKILL gives no chance to save: resume must use the last COMPLETE checkpoint.
+SIGKILL_POINTS = ["before-first-checkpoint", "after-checkpoint-4", "saving-8", "step-14", "final-step"]
+
+
+@pytest.mark.parametrize("point", SIGKILL_POINTS)
+def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, reference, point):
+    extra = ["--set", "train.save_steps=4"]
+    conds = {
+        "before-first-checkpoint": (lambda d: _logged(d / "train.log", 2), 0),
+        "after-checkpoint-4": (lambda d: lambda: (d / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file(), 4),
+        "saving-8": (lambda d: _saving(d / "checkpoints" / "checkpoint-8"), 4),
+        "step-14": (lambda d: _logged(d / "train.log", 14), 12),
+        "final-step": (lambda d: _logged(d / "train.log", STEPS), None),
+    }
+    when, expect_from = conds[point]
+    for _attempt in range(3):
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        planned = run(tmp_path, *extra, "--out", "run", "--dry-run")
+        assert planned.returncode == 0, planned.stderr
+        p, hit = interrupt(tmp_path, "run", signal.SIGKILL, when, direct=True)
+        if hit:
+            break
+    assert hit, "never caught the run at the chosen point"
+    assert p.returncode == -signal.SIGKILL
+    again = run(tmp_path, *extra, "--out", "run")
+    assert again.returncode == 0, again.stdout + again.stderr
+    if expect_from == 0:
+        assert "no checkpoint yet: starting from step 0" in again.stdout
+    elif expect_from is not None:
+        # The newest COMPLETE checkpoint at kill time (a later one may have finished
+        # between the kill condition and the signal only for the "after" points).
+        m = re.search(r"resuming from .*checkpoint-(\d+)", again.stdout)
+        assert m, again.stdout
+        assert int(m.group(1)) >= expect_from
+        if point == "saving-8":
+            assert int(m.group(1)) == 4, "resumed from a partial checkpoint"
+    assert f"step {STEPS}/{STEPS}" in again.stdout or "nothing to train" in again.stdout
+    assert_same_adapter(tmp_path / "run", reference)
 
 
 def test_completed_run_is_not_retrained(tmp_path):

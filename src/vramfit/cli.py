@@ -130,13 +130,19 @@ def presets_show(name: str) -> None:
 ModelOpt = typer.Option(None, "--model", "-m", help="Model dir or hub id (default: the embedded tiny model).")
 PresetOpt = typer.Option(None, "--preset", "-p", help="Preset name, or 'auto' (default: auto with a GPU, cpu without).")
 DataOpt = typer.Option(None, "--data", "-d", help="Dataset: jsonl/json/csv/parquet or hub id (default: shipped demo set).")
-BudgetOpt = typer.Option(None, "--budget", help="GPU memory cap in GiB per process, CUDA context included.", min=0.1)
+# No click range check here: its error is a usage panel, not vramfit's one line (see _check_budget).
+BudgetOpt = typer.Option(None, "--budget", help="GPU memory cap in GiB per process, CUDA context included.")
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<model>-<preset>).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file layered over the preset.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override one key, e.g. --set lora.r=8 (repeatable).")
+TrustOpt = typer.Option(
+    False, "--trust-remote-code", help="Allow the model's own Python code from the hub to run (off by default)."
+)
 
 
-def _make_plan(model, preset, data, budget, config_file, set_items):
+def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote_code=False):
+    if budget is not None and not budget > 0:
+        raise UsageError(f"--budget must be a positive number of GiB, got {budget:g}", "e.g. --budget 8 for an 8 GB card")
     from .hardware import detect as probe
     from .hardware import recommend_preset
     from .model_shape import load_shape
@@ -160,6 +166,8 @@ def _make_plan(model, preset, data, budget, config_file, set_items):
         overrides["data"] = {"path": data}
     if budget is not None:
         overrides["budget_gib"] = budget
+    if trust_remote_code:
+        overrides.setdefault("model", {})["trust_remote_code"] = True
     resolved = resolve_layers(preset, config_file, overrides, set_items)
     if resolved.preset and resolved.preset.name == "multi-gpu" and facts.gpu_count > 1:
         if resolved.sources.get("launch.gpus", "").startswith("preset"):
@@ -236,13 +244,14 @@ def plan(
     out: Optional[Path] = OutOpt,
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
+    trust_remote_code: bool = TrustOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Predict memory, write the run directory (configs + launch.sh); train nothing."""
     from .plan import require_fit
     from .render import write_run_dir
 
-    p = _make_plan(model, preset, data, budget, config, set_)
+    p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code)
     require_fit(p)
     run_dir = write_run_dir(p, out or _default_out(p))
     if as_json:
@@ -262,6 +271,7 @@ def train(
     out: Optional[Path] = OutOpt,
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
+    trust_remote_code: bool = TrustOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and write the run directory only."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
 ) -> None:
@@ -274,11 +284,11 @@ def train(
         if out is None:
             raise UsageError("--resume needs --out RUN_DIR", "pass the run directory to continue")
         read_plan(out)  # validates it is a run dir
-        if any(x is not None for x in (model, preset, data, budget, config)) or set_:
+        if any(x is not None for x in (model, preset, data, budget, config)) or set_ or trust_remote_code:
             typer.echo("note: --resume continues the run as planned; other options are ignored", err=True)
         run_dir = out.expanduser().resolve()
     else:
-        p = _make_plan(model, preset, data, budget, config, set_)
+        p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code)
         require_fit(p)
         target = (out or _default_out(p)).expanduser().resolve()
         if (target / PLAN_FILE).is_file():
@@ -303,9 +313,10 @@ def train(
     from .errors import Preempted, RunLocked
 
     if code == Preempted.exit_code:
+        saved = any((run_dir / "checkpoints").glob("checkpoint-*"))
         raise Preempted(
-            f"training was stopped by a signal; the last checkpoint in {run_dir} is kept",
-            "rerun the same command (or `vramfit train --resume --out RUN_DIR`) to continue from it",
+            f"training was stopped by a signal; {'the last checkpoint in ' + str(run_dir) + ' is kept' if saved else 'no step had finished, nothing to keep'}",
+            "rerun the same command (or `vramfit train --resume --out RUN_DIR`) to continue",
         )
     if code == RunLocked.exit_code:
         raise RunLocked(f"{run_dir} is in use by another training process", "wait for it to finish")

@@ -7,9 +7,16 @@ that (plan, render, train, merge) reads only the validated ``RunConfig``.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+# Whole words of a variable name (HF_TOKEN, AWS_SECRET_ACCESS_KEY, WANDB_API_KEY), so
+# that TOKENIZERS_PARALLELISM is not mistaken for one.
+SECRET_NAME = re.compile(
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)", re.IGNORECASE
+)
 
 Method = Literal["full", "lora", "qlora"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -112,6 +119,18 @@ class LaunchConfig(_Section):
         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        # launch.sh and plan.yaml are plain files that get copied and shared.
+        secret = [k for k in v if SECRET_NAME.search(k)]
+        if secret:
+            raise ValueError(
+                f"{secret[0]} looks like a secret; it would be written into launch.sh and plan.yaml. "
+                "Export it in the shell that runs vramfit instead"
+            )
+        return v
 
     @field_validator("env", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,14 @@ def _load_local(p: Path, max_examples: int | None) -> tuple[list[dict], list[str
         import csv
         import io
 
-        reader = csv.reader(io.StringIO(_check_utf8(raw, name)))
-        header = next(reader, [])
-        n = sum(1 for r in reader if r)
+        # Long cells are legitimate (whole documents): lift csv's 128 KiB default.
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        try:
+            reader = csv.reader(io.StringIO(_check_utf8(raw, name)))
+            header = next(reader, [])
+            n = sum(1 for r in reader if r)
+        except csv.Error as e:
+            raise DataError(f"cannot read {name} as csv: {e}", "check quoting: every opened quote must close") from None
     else:
         import pyarrow.parquet as pq
 

@@ -102,9 +102,17 @@ def merge_run(run_dir: Path, out: Path | None = None, force: bool = False) -> Me
     tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else doc["model_path"])
     try:
         model = PeftModel.from_pretrained(base, str(adapter))
-    except (ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - every way an adapter fails to load is the user's to fix
+        detail = " ".join(str(e).split())[:200]
+        # Unreadable files (torn JSON, bad safetensors header) are damage, not a mismatch.
+        damaged = isinstance(e, ValueError) and "Expecting" in str(e) or type(e).__name__ == "SafetensorError"
+        if damaged:
+            raise VramfitError(
+                f"the adapter in {adapter} is damaged: {detail}",
+                f"restore it from the newest checkpoint in {run_dir / 'checkpoints'} or retrain",
+            ) from None
         raise VramfitError(
-            f"the adapter in {adapter} does not match its base model: {' '.join(str(e).split())[:200]}",
+            f"the adapter in {adapter} does not match its base model: {detail}",
             "merge with the base model the run was trained on",
         ) from None
     model.eval()
@@ -126,6 +134,13 @@ def merge_run(run_dir: Path, out: Path | None = None, force: bool = False) -> Me
             "the adapter or base is damaged; nothing was written",
         )
     merged = merged.to(getattr(torch, dtype_name))
+    need = sum(p.numel() for p in merged.parameters()) * 2 * 1.05  # 16-bit shards + index/tokenizer
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if free < need:
+        raise VramfitError(
+            f"{out.parent} has {free / 2**30:.1f} GiB free; the merged model needs ~{need / 2**30:.1f} GiB",
+            "free disk space or pass --out on a larger disk; nothing was written",
+        )
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"

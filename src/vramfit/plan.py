@@ -148,7 +148,8 @@ def suggest_fit(plan: Plan) -> str:
     def with_seq(c: RunConfig, seq: int) -> RunConfig:
         return c.model_copy(update={"data": c.data.model_copy(update={"seq_len": seq})})
 
-    methods = [cfg] + ([cfg.model_copy(update={"method": "qlora"})] if cfg.method != "qlora" and plan.device == "cuda" else [])
+    # QLoRA is offered to LoRA plans only: full fine-tuning is a different kind of run.
+    methods = [cfg] + ([cfg.model_copy(update={"method": "qlora"})] if cfg.method == "lora" and plan.device == "cuda" else [])
     for c in methods:
         label = "" if c is cfg else "method=qlora "
         seq = cfg.data.seq_len

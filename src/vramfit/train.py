@@ -12,10 +12,19 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# A scheduler's SIGTERM can come while torch is still importing (seconds): note it
+# now, and let the preemption handler act on it once installed.
+# (Only when this module is the training process: importers keep their handlers.)
+_EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_sig, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
 
 # Before transformers imports bitsandbytes, whose CPU build warns about optional kernels.
 if not os.environ.get("VRAMFIT_DEBUG"):
@@ -152,11 +161,39 @@ def save_final(trainer: Trainer, tokenizer, run_dir: Path, name: str) -> Path:
     return final
 
 
+def _complete(checkpoint: Path) -> bool:
+    # The Trainer writes trainer_state.json after the weights, optimizer, scheduler
+    # and RNG state: a checkpoint killed mid-save lacks it (or holds a torn one).
+    try:
+        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (the Trainer writes trainer_state.json last)."""
+    """The newest complete checkpoint; partial ones (killed mid-save) are skipped."""
     ckpts = [p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    ckpts = [p for p in ckpts if (p / "trainer_state.json").is_file()]
+    ckpts = [p for p in ckpts if _complete(p)]
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def check_disk_for_checkpoints(run_dir: Path, model, cfg: RunConfig) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints the plan keeps.
+
+    A checkpoint holds the trainable weights and their optimizer state (Adam: two
+    fp32 moments); rotation keeps save_total_limit of them plus the one being written,
+    and the final output needs one more set of weights.
+    """
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_ckpt = trainable + 8 * n
+    need = per_ckpt * (cfg.train.save_total_limit + 1) + trainable
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise VramfitError(
+            f"{run_dir} has {free / 2**30:.1f} GiB free; checkpoints need ~{need / 2**30:.1f} GiB",
+            "free disk space, lower train.save_total_limit, or plan the run on another disk (--out)",
+        )
 
 
 def checkpoint_is_final_step(trainer: Trainer) -> bool:
@@ -212,6 +249,8 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     quiet_libraries(doc["device"])
     preemption = PreemptionCallback()
     preemption.install()  # early: a SIGTERM during loading must not kill us mid-write
+    if _EARLY_SIGNALS:
+        preemption.requested = _EARLY_SIGNALS[0]
     cfg = RunConfig.model_validate(doc["config"])
     rank0 = int(os.environ.get("RANK", 0)) == 0
     lock = lock_run_dir(run_dir) if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None  # noqa: F841 (held until exit)
@@ -266,6 +305,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
                 promote_checkpoint(checkpoint, tokenizer, run_dir, final_name)
             log(f"run already complete at step {json.loads((checkpoint / 'trainer_state.json').read_text())['global_step']}: nothing to train")
             return json.loads((run_dir / METRICS).read_text()) if (run_dir / METRICS).is_file() else {}
+    check_disk_for_checkpoints(run_dir, model, cfg)
     trainer.add_callback(preemption)
     if preemption.requested is not None:
         raise Preempted("stopped by a signal before training started; nothing to save", "rerun the same command to start")
