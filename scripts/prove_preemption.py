@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Prove preemption on a GPU: SIGTERM mid-run checkpoints and exits 75; rerunning the
-same command resumes and finishes; the final adapter is saved.
+"""Prove preemption on a GPU: an uninterrupted reference run; a run sent SIGTERM mid-way
+(must checkpoint and exit 75) then rerun with the same command; a run whose trainer is
+SIGKILLed mid-way then rerun. Both reruns must resume and finish, and their final
+adapters are compared with the reference's.
 
     python scripts/prove_preemption.py --preset 8gb --budget 8 --arch scripts/archs/qwen2.5-7b.json \\
         --steps 8 --kill-at 3 --work /tmp/vf --results $OUT/proofs
@@ -21,6 +23,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def adapter_diff(a: Path, b: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "adapter" / "adapter_model.safetensors")), load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    if x.keys() != y.keys():
+        return {"same_keys": False}
+    num = sum(float(torch.sum((x[k].double() - y[k].double()) ** 2)) for k in x)
+    den = sum(float(torch.sum(x[k].double() ** 2)) for k in x)
+    return {
+        "same_keys": True,
+        "max_abs_diff": max(float((x[k] - y[k]).abs().max()) for k in x),
+        "relative_l2": (num / den) ** 0.5 if den else None,
+        "bit_identical": all(torch.equal(x[k], y[k]) for k in x),
+    }
 
 
 def main() -> int:
@@ -45,43 +64,81 @@ def main() -> int:
             [py, str(ROOT / "scripts/make_embedded_dataset.py"), "--n", "600", "--min-chars", "9000", "--out", str(data)],
             check=True,
         )
-    run = a.work / f"preempt-{a.preset}-{a.arch.stem}"
-    shutil.rmtree(run, ignore_errors=True)
-    args = [
-        "train", "--preset", a.preset, "--budget", f"{a.budget:g}", "--model", str(model), "--data", str(data),
-        "--out", str(run), "--set", f"train.max_steps={a.steps}", "--set", f"train.grad_accum={a.grad_accum}",
-        "--set", "train.save_steps=1000",
-    ]  # fmt: skip
-    log = a.results / f"preempt-{a.preset}-{a.arch.stem}.log"
-    result: dict = {"command": "vramfit " + shlex.join(args), "kill_at": a.kill_at, "steps": a.steps}
-    with log.open("w") as fh:
-        fh.write("$ vramfit " + shlex.join(args) + "\n")
+    name = f"{a.preset}-{a.arch.stem}"
+    log = a.results / f"preempt-{name}.log"
+    fh = log.open("w")
+
+    def args_for(run: Path) -> list[str]:
+        return [
+            "train", "--preset", a.preset, "--budget", f"{a.budget:g}", "--model", str(model), "--data", str(data),
+            "--out", str(run), "--set", f"train.max_steps={a.steps}", "--set", f"train.grad_accum={a.grad_accum}",
+            "--set", "train.save_steps=2",
+        ]  # fmt: skip
+
+    def start(argv: list[str]) -> subprocess.Popen:
+        fh.write("$ " + shlex.join(argv) + "\n")
         fh.flush()
-        proc = subprocess.Popen([py, "-m", "vramfit", *args], stdout=fh, stderr=subprocess.STDOUT)
+        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+
+    def kill_when_logged(proc: subprocess.Popen, run: Path, sig: int) -> float | None:
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
             tl = run / "train.log"
             if tl.is_file() and f"step {a.kill_at}/" in tl.read_text():
-                t_signal = time.perf_counter()
-                proc.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.2)
-        result["first_exit"] = proc.wait()
-        result["stop_seconds_after_sigterm"] = round(time.perf_counter() - t_signal, 1) if "t_signal" in locals() else None
-        result["checkpoints_after_kill"] = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
-        fh.write("$ (same command again)\n")
-        fh.flush()
-        again = subprocess.run([py, "-m", "vramfit", *args], stdout=fh, stderr=subprocess.STDOUT)
-        result["second_exit"] = again.returncode
+                proc.send_signal(sig)
+                return time.perf_counter()
+            time.sleep(0.1)
+        return None
+
+    result: dict = {"kill_at": a.kill_at, "steps": a.steps, "save_steps": 2}
+    runs = {k: a.work / f"preempt-{k}-{name}" for k in ("reference", "sigterm", "sigkill")}
+    for r in runs.values():
+        shutil.rmtree(r, ignore_errors=True)
+
+    # 1. uninterrupted reference
+    ref = start([py, "-m", "vramfit", *args_for(runs["reference"])])
+    result["reference_exit"] = ref.wait()
+    result["command"] = "vramfit " + shlex.join(args_for(runs["sigterm"]))
+
+    # 2. SIGTERM to `vramfit train`, then the same command again
+    p = start([py, "-m", "vramfit", *args_for(runs["sigterm"])])
+    t = kill_when_logged(p, runs["sigterm"], signal.SIGTERM)
+    result["sigterm_exit"] = p.wait()
+    result["sigterm_stop_seconds"] = round(time.perf_counter() - t, 1) if t else None
+    result["sigterm_checkpoints"] = sorted(c.name for c in (runs["sigterm"] / "checkpoints").glob("checkpoint-*"))
+    result["sigterm_rerun_exit"] = start([py, "-m", "vramfit", *args_for(runs["sigterm"])]).wait()
+
+    # 3. SIGKILL to the trainer itself (launch.sh exec's it), then the same command again
+    result["sigkill_plan_exit"] = start([py, "-m", "vramfit", *args_for(runs["sigkill"]), "--dry-run"]).wait()
+    p = start(["bash", str(runs["sigkill"] / "launch.sh")])
+    kill_when_logged(p, runs["sigkill"], signal.SIGKILL)
+    result["sigkill_exit"] = p.wait()
+    result["sigkill_checkpoints"] = sorted(c.name for c in (runs["sigkill"] / "checkpoints").glob("checkpoint-*"))
+    result["sigkill_rerun_exit"] = start([py, "-m", "vramfit", *args_for(runs["sigkill"])]).wait()
+    fh.close()
+
     text = log.read_text()
-    result["resumed"] = "holds this same run: continuing it" in text and "resuming from" in text
-    result["finished"] = f"step {a.steps}/{a.steps}" in text and (run / "adapter" / "adapter_model.safetensors").is_file()
-    if (run / "metrics.json").is_file():
-        result["metrics"] = json.loads((run / "metrics.json").read_text())
-    ok = result["first_exit"] == 75 and result["second_exit"] == 0 and result["resumed"] and result["finished"]
+    result["resumed_lines"] = [line for line in text.splitlines() if "resuming from" in line or "holds this same run" in line]
+    for k in ("sigterm", "sigkill"):
+        done = (runs[k] / "adapter" / "adapter_model.safetensors").is_file()
+        result[f"{k}_finished"] = done
+        if done and (runs["reference"] / "adapter").is_dir():
+            result[f"{k}_vs_reference"] = adapter_diff(runs["reference"], runs[k])
+    m = runs["reference"] / "metrics.json"
+    if m.is_file():
+        result["reference_metrics"] = json.loads(m.read_text())
+    ok = (
+        result["reference_exit"] == 0
+        and result["sigterm_exit"] == 75
+        and result["sigterm_rerun_exit"] == 0
+        and result["sigkill_exit"] == -signal.SIGKILL
+        and result["sigkill_rerun_exit"] == 0
+        and result["sigterm_finished"]
+        and result["sigkill_finished"]
+    )
     result["ok"] = ok
-    (a.results / f"preempt-{a.preset}-{a.arch.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2))
+    (a.results / f"preempt-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "reference_metrics"}, indent=2))
     return 0 if ok else 1
 
 

@@ -135,6 +135,9 @@ SIGKILL_POINTS = ["before-first-checkpoint", "after-checkpoint-4", "saving-8", "
 @pytest.mark.parametrize("point", SIGKILL_POINTS)
 def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, reference, point):
     extra = ["--set", "train.save_steps=4"]
+    if point == "saving-8":
+        # Keep one checkpoint only: rotation must not delete checkpoint-4 before -8 is complete.
+        extra += ["--set", "train.save_total_limit=1"]
     conds = {
         "before-first-checkpoint": (lambda d: _logged(d / "train.log", 2), 0),
         "after-checkpoint-4": (lambda d: lambda: (d / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file(), 4),
