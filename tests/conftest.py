@@ -74,6 +74,25 @@ def offline_env(monkeypatch, tmp_path_factory, _session_home):
     yield
 
 
+class _NoNvml:
+    """An NVML module whose init fails as on a machine without the driver."""
+
+    class NVMLError(Exception):
+        pass
+
+    def nvmlInit(self):
+        raise OSError("NVML Shared Library Not Found")
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """In-process commands see a machine without GPUs, wherever the tests run."""
+    import vramfit.hardware as hw
+
+    real = hw.detect
+    monkeypatch.setattr(hw, "detect", lambda nvml=None: real(nvml=_NoNvml()))
+
+
 @pytest.fixture
 def no_gpu_facts():
     from vramfit.hardware import HardwareFacts

@@ -24,25 +24,10 @@ from typer.testing import CliRunner
 from conftest import QWEN7B_CONFIG, subprocess_env, vramfit_exe
 from vramfit.cli import app
 
-import vramfit.hardware as _hw
+pytestmark = pytest.mark.usefixtures("no_gpu")
 
 runner = CliRunner()
-_REAL_DETECT = _hw.detect
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-class _NoNvml:
-    class NVMLError(Exception):
-        pass
-
-    def nvmlInit(self):
-        raise OSError("NVML Shared Library Not Found")
-
-
-@pytest.fixture(autouse=True)
-def no_gpu(monkeypatch):
-    """In-process commands see a machine without GPUs, wherever the tests run."""
-    monkeypatch.setattr(_hw, "detect", lambda nvml=None: _REAL_DETECT(nvml=_NoNvml()))
 
 
 # ---------------------------------------------------------------- the case type

@@ -13,28 +13,16 @@ from typer.testing import CliRunner
 
 from conftest import PRESET_NAMES, subprocess_env, vramfit_exe
 from vramfit.cli import app
+from vramfit.hardware import detect as real_detect  # bound before the no_gpu fixture patches it
 from vramfit.presets import load_preset, resolve_layers
 
-import vramfit.hardware as _hw
+
+pytestmark = pytest.mark.usefixtures("no_gpu")
 
 runner = CliRunner()
-_REAL_DETECT = _hw.detect
 
 
-class _NoNvml:
-    """An NVML module whose init fails as on a machine without the driver."""
 
-    class NVMLError(Exception):
-        pass
-
-    def nvmlInit(self):
-        raise OSError("NVML Shared Library Not Found")
-
-
-@pytest.fixture(autouse=True)
-def no_gpu(monkeypatch):
-    """CLI plans see a machine without GPUs, wherever the tests run."""
-    monkeypatch.setattr(_hw, "detect", lambda nvml=None: _REAL_DETECT(nvml=_NoNvml()))
 
 
 @pytest.fixture
@@ -145,7 +133,9 @@ def test_detect_json():
 
 
 def test_detect_real_probe_never_fails(monkeypatch):
-    monkeypatch.setattr(_hw, "detect", _REAL_DETECT)  # the real NVML probe: absent here, present on a GPU box
+    import vramfit.hardware as hw
+
+    monkeypatch.setattr(hw, "detect", real_detect)  # the real NVML probe: absent here, present on a GPU box
     r = runner.invoke(app, ["detect", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
