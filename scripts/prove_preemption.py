@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from prove_preset import input_commands  # noqa: E402  (the same model and data as the preset proofs)
 
 
 def adapter_diff(a: Path, b: Path) -> dict:
@@ -57,13 +60,9 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    model, data = a.work / a.arch.stem, a.work / "long.jsonl"
-    subprocess.run([py, str(ROOT / "scripts/make_random_model.py"), str(a.arch), str(model), "--device", a.device], check=True)
-    if not data.exists():
-        subprocess.run(
-            [py, str(ROOT / "scripts/make_embedded_dataset.py"), "--n", "600", "--min-chars", "9000", "--out", str(data)],
-            check=True,
-        )
+    model, data, cmds = input_commands(a.arch, a.work, a.device)
+    for cmd in cmds:
+        subprocess.run(cmd, check=True)
     name = f"{a.preset}-{a.arch.stem}"
     log = a.results / f"preempt-{name}.log"
     fh = log.open("w")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import shutil
@@ -44,6 +43,19 @@ def sh(argv: list[str], log: Path) -> tuple[int, float]:
     return p.returncode, time.perf_counter() - t
 
 
+def input_commands(arch: Path, work: Path, device: str = "cuda") -> tuple[Path, Path, list[list[str]]]:
+    """The random-weight model and long dataset in ``work`` that every proof shares, and
+    the commands that make them (the model one keeps an existing model; the data one is
+    left out when the file exists)."""
+    py = sys.executable
+    model, data = work / arch.stem, work / "long.jsonl"
+    cmds = [[py, str(ROOT / "scripts/make_random_model.py"), str(arch), str(model), "--device", device]]
+    if not data.exists():
+        # ~9k characters per example: byte-level tokens, so every example fills seq_len <= 8192.
+        cmds.append([py, str(ROOT / "scripts/make_embedded_dataset.py"), "--n", "600", "--min-chars", "9000", "--out", str(data)])
+    return model, data, cmds
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "deepspeed"):
@@ -69,16 +81,13 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
     arch = a.arch.stem
-    model = a.work / arch
     log = a.results / f"{a.preset}-{arch}.log"
     py = sys.executable
-    rc, _ = sh([py, str(ROOT / "scripts/make_random_model.py"), str(a.arch), str(model), "--device", "cuda"], log)
-    if rc:
-        return rc
-    data = a.work / "long.jsonl"
-    if not data.exists():
-        # ~9k characters per example: byte-level tokens, so every example fills seq_len <= 8192.
-        sh([py, str(ROOT / "scripts/make_embedded_dataset.py"), "--n", "600", "--min-chars", "9000", "--out", str(data)], log)
+    model, data, cmds = input_commands(a.arch, a.work)
+    for cmd in cmds:
+        rc, _ = sh(cmd, log)
+        if rc:
+            return rc
     run = a.work / f"run-{a.preset}-{arch}"
     shutil.rmtree(run, ignore_errors=True)
     train_args = [

@@ -130,7 +130,7 @@ def presets_show(name: str) -> None:
 ModelOpt = typer.Option(None, "--model", "-m", help="Model dir or hub id (default: the embedded tiny model).")
 PresetOpt = typer.Option(None, "--preset", "-p", help="Preset name, or 'auto' (default: auto with a GPU, cpu without).")
 DataOpt = typer.Option(None, "--data", "-d", help="Dataset: jsonl/json/csv/parquet or hub id (default: shipped demo set).")
-# No click range check here: its error is a usage panel, not vramfit's one line (see _check_budget).
+# No click range check here: its error is a usage panel, not vramfit's one line (_make_plan checks).
 BudgetOpt = typer.Option(None, "--budget", help="GPU memory cap in GiB per process, CUDA context included.")
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<model>-<preset>).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file layered over the preset.")

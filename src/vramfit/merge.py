@@ -48,8 +48,6 @@ class MergeResult:
     device: str
 
 
-
-
 def _is_inside(path: Path, parent: Path) -> bool:
     try:
         path.resolve().relative_to(parent.resolve())
@@ -105,7 +103,7 @@ def merge_run(run_dir: Path, out: Path | None = None, force: bool = False) -> Me
     except Exception as e:  # noqa: BLE001 - every way an adapter fails to load is the user's to fix
         detail = " ".join(str(e).split())[:200]
         # Unreadable files (torn JSON, bad safetensors header) are damage, not a mismatch.
-        damaged = isinstance(e, ValueError) and "Expecting" in str(e) or type(e).__name__ == "SafetensorError"
+        damaged = (isinstance(e, ValueError) and "Expecting" in str(e)) or type(e).__name__ == "SafetensorError"
         if damaged:
             raise VramfitError(
                 f"the adapter in {adapter} is damaged: {detail}",

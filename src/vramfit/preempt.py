@@ -1,4 +1,5 @@
-"""Preemption: on SIGTERM/SIGINT, finish the optimizer step, checkpoint, exit 75.
+"""Preemption: on SIGTERM/SIGINT, finish the optimizer step, checkpoint, exit 75
+(``errors.Preempted``, EX_TEMPFAIL: "try again later").
 
 Cloud schedulers send SIGTERM and wait a grace period before SIGKILL. Stopping in
 the middle of a gradient-accumulation cycle would leave a state no checkpoint can
@@ -11,9 +12,6 @@ from __future__ import annotations
 import signal
 
 from transformers import TrainerCallback
-
-# EX_TEMPFAIL from sysexits.h: "try again later" is exactly what a preempted run wants.
-PREEMPTED_EXIT = 75
 
 
 class PreemptionCallback(TrainerCallback):

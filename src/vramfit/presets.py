@@ -1,8 +1,9 @@
 """Presets and configuration layering.
 
 Precedence, lowest first: built-in defaults < preset < ``--config FILE`` <
-flags (``--model``, ``--data``, ``--budget``) < ``--set key=value``. Each resolved value remembers which layer set it
-(``Resolved.sources``), so ``vramfit plan`` can say where every number came from.
+flags (``--model``, ``--data``, ``--budget``) < ``--set key=value``. Each resolved
+value remembers which layer set it (``Resolved.sources``), so ``vramfit plan`` can
+say where every number came from.
 """
 
 from __future__ import annotations

@@ -118,12 +118,13 @@ def deepspeed_config(plan: Plan) -> dict[str, Any] | None:
     return cfg
 
 
-def plan_document(plan: Plan, data_path: str | None, model_path: str) -> dict[str, Any]:
+def plan_document(plan: Plan) -> dict[str, Any]:
+    """plan.yaml's content; local model/data paths made absolute so the run dir works from any cwd."""
     doc = {
         "vramfit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model_path": model_path,
-        "data_path": data_path,
+        "model_path": resolve_path(plan.config.model.name) or plan.model_ref,
+        "data_path": resolve_path(plan.config.data.path),
     }
     doc.update(plan.summary())
     return doc
@@ -151,9 +152,7 @@ def write_run_dir(plan: Plan, out: Path) -> Path:
     out = out.expanduser().resolve()
     check_out_dir(out)
     files: dict[str, Any] = {
-        PLAN_FILE: plan_document(
-            plan, resolve_path(plan.config.data.path), resolve_path(plan.config.model.name) or plan.model_ref
-        ),
+        PLAN_FILE: plan_document(plan),
         "training_args.json": training_args(plan),
         "lora_config.json": lora_config(plan),
         "bnb_config.json": bnb_config(plan),
@@ -188,7 +187,7 @@ def write_run_dir(plan: Plan, out: Path) -> Path:
 
 def plan_differences(doc: dict[str, Any], plan: Plan) -> list[str]:
     """Dotted keys where an existing run's plan.yaml and a new plan disagree."""
-    new = plan_document(plan, resolve_path(plan.config.data.path), resolve_path(plan.config.model.name) or plan.model_ref)
+    new = plan_document(plan)
     diffs = [k for k in ("model_path", "data_path") if doc.get(k) != new[k]]
 
     def walk(a: Any, b: Any, prefix: str) -> None:

@@ -161,20 +161,28 @@ def save_final(trainer: Trainer, tokenizer, run_dir: Path, name: str) -> Path:
     return final
 
 
-def _complete(checkpoint: Path) -> bool:
-    # The Trainer writes trainer_state.json after the weights, optimizer, scheduler
-    # and RNG state: a checkpoint killed mid-save lacks it (or holds a torn one).
+def trainer_state(checkpoint: Path) -> dict[str, Any] | None:
+    """A checkpoint's trainer_state.json, or None if the checkpoint is incomplete.
+
+    The Trainer writes it after the weights, optimizer, scheduler and RNG state: a
+    checkpoint killed mid-save lacks it (or holds a torn one).
+    """
     try:
-        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return state if isinstance(state, dict) and "global_step" in state else None
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint; partial ones (killed mid-save) are skipped."""
     ckpts = [p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    ckpts = [p for p in ckpts if _complete(p)]
+    ckpts = [p for p in ckpts if trainer_state(p) is not None]
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def is_final(global_step: int, max_steps: int) -> bool:
+    return max_steps > 0 and global_step >= max_steps
 
 
 def check_disk_for_checkpoints(run_dir: Path, model, cfg: RunConfig) -> None:
@@ -184,9 +192,9 @@ def check_disk_for_checkpoints(run_dir: Path, model, cfg: RunConfig) -> None:
     fp32 moments); rotation keeps save_total_limit of them plus the one being written,
     and the final output needs one more set of weights.
     """
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    per_ckpt = trainable + 8 * n
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    per_ckpt = trainable + 8 * sum(p.numel() for p in params)
     need = per_ckpt * (cfg.train.save_total_limit + 1) + trainable
     free = shutil.disk_usage(run_dir).free
     if free < need:
@@ -194,10 +202,6 @@ def check_disk_for_checkpoints(run_dir: Path, model, cfg: RunConfig) -> None:
             f"{run_dir} has {free / 2**30:.1f} GiB free; checkpoints need ~{need / 2**30:.1f} GiB",
             "free disk space, lower train.save_total_limit, or plan the run on another disk (--out)",
         )
-
-
-def checkpoint_is_final_step(trainer: Trainer) -> bool:
-    return trainer.state.max_steps > 0 and trainer.state.global_step >= trainer.state.max_steps
 
 
 def lock_run_dir(run_dir: Path):
@@ -219,11 +223,6 @@ def lock_run_dir(run_dir: Path):
     fh.write(str(os.getpid()))
     fh.flush()
     return fh
-
-
-def checkpoint_is_final(checkpoint: Path) -> bool:
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 
 
 # Trainer state that belongs to the checkpoint, not to the trained model.
@@ -299,11 +298,12 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     if resume:
         checkpoint = last_checkpoint(run_dir)
         log(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: starting from step 0")
-        if checkpoint and checkpoint_is_final(checkpoint):
+        state = trainer_state(checkpoint) if checkpoint else None
+        if state and is_final(state["global_step"], state.get("max_steps", 0)):
             # The Trainer would train one step past max_steps on such a resume.
             if rank0 and not (run_dir / final_name).is_dir():
                 promote_checkpoint(checkpoint, tokenizer, run_dir, final_name)
-            log(f"run already complete at step {json.loads((checkpoint / 'trainer_state.json').read_text())['global_step']}: nothing to train")
+            log(f"run already complete at step {state['global_step']}: nothing to train")
             return json.loads((run_dir / METRICS).read_text()) if (run_dir / METRICS).is_file() else {}
     check_disk_for_checkpoints(run_dir, model, cfg)
     trainer.add_callback(preemption)
@@ -312,7 +312,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
-    if preemption.stopped_at is not None and not checkpoint_is_final_step(trainer):
+    if preemption.stopped_at is not None and not is_final(trainer.state.global_step, trainer.state.max_steps):
         log(f"preempted: checkpoint saved at step {preemption.stopped_at}")
         raise Preempted(
             f"training stopped by signal {preemption.requested} at step {preemption.stopped_at}; checkpoint saved",
