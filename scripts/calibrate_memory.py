@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Measure vramfit's real training stack on a GPU against the memory model.
+
+For every row of a matrix (scripts/calibration_matrix.yaml) this runs the real CLI,
+`python -m vramfit train`, for a few optimizer steps on a random-weight model of a
+real architecture, with a dataset whose examples all fill the sequence length, and
+records the predicted peak (the plan's breakdown) beside the measured one: the
+allocator's peak reserved memory, the process's figure as NVML sees it, and the
+steady tokens/s. One JSON line per run goes to RESULTS/calibration.jsonl with the
+command, GPU and versions; scripts/calibration_report.py turns that into
+docs/benchmarks/memory-calibration.csv, the error table and the plot.
+
+Several runs share the GPU to save time: each is capped (--budget) at its
+prediction plus headroom, the caps never add up to more than the card, and
+VRAMFIT_GPU_TURN makes the runs take turns for their timed steps, so loading
+overlaps but training never does.
+
+    python scripts/calibrate_memory.py --results $OUT --work /tmp/cal --parallel 3 [--only qwen2.5-0.5b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from prove_preset import versions  # noqa: E402
+
+TARGETS = {"all": "all-linear", "qkvo": "[q_proj,k_proj,v_proj,o_proj]", "qv": "[q_proj,v_proj]"}
+COLUMNS = ("arch", "method", "lora_r", "targets", "micro_batch", "seq_len", "grad_ckpt", "optimizer")
+
+
+@dataclass
+class Job:
+    row: dict
+    argv: list[str] = field(default_factory=list)
+    predicted: float = 0.0
+    cap: float = 0.0
+    tries: int = 0
+    proc: subprocess.Popen | None = None
+    run_dir: Path | None = None
+    log: Path | None = None
+    started: float = 0.0
+
+
+def set_args(row: dict, steps: int) -> list[str]:
+    sets = {
+        "method": row["method"],
+        "data.seq_len": row["seq_len"],
+        "train.micro_batch": row["micro_batch"],
+        "train.grad_accum": 1,
+        "train.grad_ckpt": str(row["grad_ckpt"]).lower(),
+        "train.optimizer": row["optimizer"],
+        "train.max_steps": steps,
+        "train.save_steps": 1000,
+        "train.logging_steps": 1,
+    }
+    if row["method"] != "full":
+        sets.update({"lora.r": row["lora_r"], "lora.alpha": 2 * row["lora_r"], "lora.target_modules": TARGETS[row["targets"]]})
+    out: list[str] = []
+    for k, v in sets.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def gpu_total_gib() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--matrix", type=Path, default=ROOT / "scripts/calibration_matrix.yaml")
+    ap.add_argument("--only", action="append", default=[], help="arch names to run (default: all)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/vramfit-calibration"))
+    ap.add_argument("--results", type=Path, required=True)
+    ap.add_argument("--parallel", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--headroom", type=float, default=0.3, help="cap = prediction * (1 + headroom) + 2 GiB")
+    a = ap.parse_args()
+
+    rows = [dict(zip(COLUMNS, r)) for r in yaml.safe_load(a.matrix.read_text())["rows"]]
+    if a.only:
+        rows = [r for r in rows if r["arch"] in a.only]
+    a.work.mkdir(parents=True, exist_ok=True)
+    a.results.mkdir(parents=True, exist_ok=True)
+    out_file = a.results / "calibration.jsonl"
+    log_all = (a.results / "calibration.log").open("a")
+    py = sys.executable
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        log_all.write(msg + "\n")
+        log_all.flush()
+
+    # Inputs: one random-weight model per architecture (built on the GPU), one dataset
+    # whose every example is longer than the longest sequence measured.
+    data = a.work / "long.jsonl"
+    if not data.exists():
+        subprocess.run(
+            [py, str(ROOT / "scripts/make_embedded_dataset.py"), "--n", "80", "--min-chars", "17000", "--out", str(data)],
+            check=True,
+        )
+    models = {}
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        models[arch] = a.work / arch
+        t = time.perf_counter()
+        subprocess.run(
+            [py, str(ROOT / "scripts/make_random_model.py"), str(ROOT / f"scripts/archs/{arch}.json"), str(models[arch]),
+             "--device", "cuda"], check=True,
+        )  # fmt: skip
+        say(f"model {arch}: {time.perf_counter() - t:.0f} s")
+
+    total = gpu_total_gib()
+    pool = total - 3.0  # what the caps may add up to
+    turn = a.work / "gpu.turn"
+    env = {**os.environ, "VRAMFIT_GPU_TURN": str(turn), "PYTHONUNBUFFERED": "1"}
+    ver, gpu = versions(), __import__("torch").cuda.get_device_name(0)
+
+    jobs: list[Job] = []
+    for i, row in enumerate(rows):
+        base = ["--preset", "24gb", "--model", str(models[row["arch"]]), "--data", str(data), *set_args(row, a.steps)]
+        plan_dir = a.work / f"plan-{i}"
+        shutil.rmtree(plan_dir, ignore_errors=True)
+        plan = subprocess.run(
+            [py, "-m", "vramfit", "plan", "--json", "--budget", "1000", "--out", str(plan_dir), *base],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        shutil.rmtree(plan_dir, ignore_errors=True)
+        if plan.returncode:
+            say(f"row {i} {row}: plan failed: {plan.stderr.strip()}")
+            continue
+        p = json.loads(plan.stdout)
+        job = Job(row={**row, "index": i}, argv=base, predicted=p["predicted_peak_gib"])
+        job.row["predicted_at_run"] = {"peak_gib": p["predicted_peak_gib"], "breakdown": p["breakdown"]}
+        job.cap = min(round(job.predicted * (1 + a.headroom) + 2.0, 1), total - 1.0)
+        jobs.append(job)
+
+    pending, running = list(jobs), []
+    with out_file.open("a") as results:
+        while pending or running:
+            # Start what fits beside what runs (the largest caps first, so they don't starve).
+            pending.sort(key=lambda j: -j.cap)
+            for job in list(pending):
+                if len(running) >= a.parallel or sum(j.cap for j in running) + job.cap > pool:
+                    continue
+                pending.remove(job)
+                job.run_dir = a.work / f"run-{job.row['index']}-{job.tries}"
+                shutil.rmtree(job.run_dir, ignore_errors=True)
+                job.log = a.work / f"run-{job.row['index']}-{job.tries}.log"
+                cmd = [py, "-m", "vramfit", "train", "--budget", f"{job.cap:g}", "--out", str(job.run_dir), *job.argv]
+                job.row["command"] = "vramfit " + shlex.join(cmd[3:])
+                job.proc = subprocess.Popen(cmd, stdout=job.log.open("w"), stderr=subprocess.STDOUT, env=env)
+                job.started = time.perf_counter()
+                job.row["concurrent_runs"] = len(running)
+                running.append(job)
+                say(f"start row {job.row['index']} cap {job.cap:g} GiB (pred {job.predicted:.2f}): {job.row['command']}")
+            time.sleep(1)
+            for job in list(running):
+                if job.proc.poll() is None:
+                    continue
+                running.remove(job)
+                rc = job.proc.returncode
+                tail = job.log.read_text(errors="replace").strip().splitlines()[-3:]
+                metrics_file = job.run_dir / "metrics.json"
+                m = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+                if rc == 5 and job.tries == 0:
+                    # OOM under the cap: the prediction was far too low. Measure it again with room.
+                    job.tries += 1
+                    job.cap = min(round(job.predicted * 2 + 4, 1), total - 1.0)
+                    say(f"row {job.row['index']} OOM under its cap; retrying at {job.cap:g} GiB")
+                    pending.append(job)
+                    shutil.rmtree(job.run_dir, ignore_errors=True)
+                    continue
+                rec = {
+                    **job.row,
+                    "exit": rc,
+                    "cap_gib": job.cap,
+                    "wall_s": round(time.perf_counter() - job.started, 1),
+                    "gpu": gpu,
+                    "versions": ver,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "metrics": {k: v for k, v in m.items() if k not in ("data", "output")},
+                    "tail": tail if rc else [],
+                }
+                results.write(json.dumps(rec) + "\n")
+                results.flush()
+                say(
+                    f"done row {job.row['index']} exit {rc}: predicted {job.predicted:.2f}, reserved "
+                    f"{m.get('peak_reserved_gib')}, process {m.get('peak_process_gib')}, {m.get('steady_tokens_per_s')} tok/s"
+                    + (f" | {' / '.join(tail)}" if rc else "")
+                )
+                shutil.rmtree(job.run_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

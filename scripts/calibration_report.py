@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Predicted against measured: docs/benchmarks/memory-calibration.csv, the error table and plot.
+
+Reads the raw GPU measurements (docs/benchmarks/calibration/calibration.jsonl, written
+by scripts/calibrate_memory.py) and predicts each configuration again with the
+current memory model, so the CSV always shows the model as it is in this checkout.
+No GPU needed. Measured = the process's peak (allocator peak reserved + memory
+outside the allocator, from NVML).
+
+    python scripts/calibration_report.py            # writes the CSV, prints the tables
+    python scripts/calibration_report.py --plot docs/benchmarks/memory-calibration.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from calibrate_memory import set_args  # noqa: E402
+
+from vramfit.memory import estimate  # noqa: E402
+from vramfit.model_shape import load_shape  # noqa: E402
+from vramfit.presets import load_preset, parse_set, resolve  # noqa: E402
+
+FIELDS = (
+    "arch,method,lora_r,targets,micro_batch,seq_len,grad_ckpt,optimizer,zero_stage,gpus,"
+    "predicted_gib,measured_gib,error_pct,peak_phase,measured_reserved_gib,measured_allocated_gib,"
+    "outside_allocator_gib,tokens_per_s,gpu,torch,transformers,peft,bitsandbytes,date,command"
+).split(",")
+
+
+def config_for(row: dict):
+    """The RunConfig the calibration run trained (its preset + --set flags)."""
+    sets = set_args(row, 4)[1::2]
+    return resolve([("24gb", load_preset("24gb").values), ("--set", parse_set(sets))]).config
+
+
+def rows(raw: Path) -> list[dict]:
+    out = []
+    for line in raw.read_text().splitlines():
+        r = json.loads(line)
+        m = r["metrics"]
+        if r["exit"] != 0 or not m.get("peak_process_gib"):
+            continue
+        cfg = config_for(r)
+        shape = load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
+        b = estimate(shape, cfg, "bfloat16", "cuda")
+        measured = m["peak_process_gib"]
+        out.append(
+            {
+                **{k: r[k] for k in ("arch", "method", "lora_r", "targets", "micro_batch", "seq_len", "grad_ckpt", "optimizer")},
+                "zero_stage": cfg.deepspeed.stage,
+                "gpus": cfg.world_size,
+                "predicted_gib": round(b.peak_gib, 3),
+                "measured_gib": measured,
+                "error_pct": round(100 * (b.peak_gib - measured) / measured, 2),
+                "peak_phase": b.phase,
+                "measured_reserved_gib": m["peak_reserved_gib"],
+                "measured_allocated_gib": m["peak_allocated_gib"],
+                "outside_allocator_gib": m.get("outside_allocator_gib"),
+                "tokens_per_s": m.get("steady_tokens_per_s"),
+                "gpu": r["gpu"],
+                **{k: r["versions"].get(k) for k in ("torch", "transformers", "peft", "bitsandbytes")},
+                "date": r["date"],
+                "command": r["command"],
+            }
+        )
+    return out
+
+
+def summary(table: list[dict]) -> dict:
+    errs = [abs(r["error_pct"]) for r in table]
+    under = [r["error_pct"] for r in table if r["error_pct"] < 0]
+    return {
+        "runs": len(table),
+        "archs": len({r["arch"] for r in table}),
+        "median_abs_error_pct": round(statistics.median(errs), 2),
+        "worst_abs_error_pct": round(max(errs), 2),
+        "worst_under_prediction_pct": round(-min(under), 2) if under else 0.0,
+    }
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    colors = {"qlora": "tab:blue", "lora": "tab:green", "full": "tab:red"}
+    for method, c in colors.items():
+        pts = [r for r in table if r["method"] == method]
+        ax.scatter([r["measured_gib"] for r in pts], [r["predicted_gib"] for r in pts], c=c, label=method, s=28)
+    top = max(max(r["measured_gib"], r["predicted_gib"]) for r in table) * 1.05
+    ax.plot([0, top], [0, top], "k-", lw=0.8, label="exact")
+    ax.plot([0, top], [0, top * 1.05], "k--", lw=0.5, label="±5%")
+    ax.plot([0, top], [0, top * 0.95], "k--", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured peak per process, GiB (allocator reserved + outside, NVML)")
+    ax.set_ylabel("predicted peak, GiB (vramfit memory model)")
+    s = summary(table)
+    ax.set_title(f"{s['runs']} runs, {s['archs']} architectures: median |error| {s['median_abs_error_pct']}%, worst {s['worst_abs_error_pct']}%")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--raw", type=Path, default=ROOT / "docs/benchmarks/calibration/calibration.jsonl")
+    ap.add_argument("--csv", type=Path, default=ROOT / "docs/benchmarks/memory-calibration.csv")
+    ap.add_argument("--plot", type=Path)
+    a = ap.parse_args()
+    table = rows(a.raw)
+    tmp = a.csv.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(table)
+    tmp.replace(a.csv)
+    print("| arch | method | r | targets | mb | seq | ckpt | optimizer | predicted | measured | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(table, key=lambda r: (r["arch"], r["method"], r["seq_len"] * r["micro_batch"])):
+        print(
+            f"| {r['arch']} | {r['method']} | {r['lora_r'] or '-'} | {r['targets'] if r['method'] != 'full' else '-'} | {r['micro_batch']} "
+            f"| {r['seq_len']} | {'on' if r['grad_ckpt'] else 'off'} | {r['optimizer']} | {r['predicted_gib']:.2f} "
+            f"| {r['measured_gib']:.2f} | {r['error_pct']:+.1f}% |"
+        )
+    print(json.dumps(summary(table)))
+    if a.plot:
+        plot(table, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
