@@ -53,30 +53,65 @@ def test_lora_param_count():
 
 # ---------------------------------------------------------------- known answers (H200)
 
+# Measured process peaks (allocator reserved + outside-allocator, NVML) from
+# scripts/calibrate_memory.py on an H200, 2026-11-22 (docs/benchmarks/calibration/).
+# (method, lora_r, targets, micro_batch, seq_len, grad_ckpt, optimizer) -> GiB on Qwen2.5-7B
+MEASURED_Q7 = [
+    ("qlora", 16, ["q_proj", "k_proj", "v_proj", "o_proj"], 1, 512, True, "adamw_torch", 7.439),
+    ("qlora", 8, ["q_proj", "v_proj"], 4, 512, False, "adamw_torch", 20.109),
+    ("qlora", 16, "all-linear", 1, 8192, True, "adamw_torch", 24.723),
+    ("lora", 16, "all-linear", 1, 2048, True, "adamw_torch", 20.457),
+    ("lora", 128, "all-linear", 1, 1536, True, "adamw_torch", 23.156),
+    ("lora", 16, "all-linear", 4, 1024, False, "adamw_torch", 54.836),
+]
 
-def test_known_answer_qlora_r8_qv_seq512():
-    c = cfg(
-        method="qlora",
+
+def calibration_config(method, r, targets, mb, seq, ckpt, optimizer) -> RunConfig:
+    return cfg(
+        method=method,
         quant={"bits": 4, "quant_type": "nf4", "double_quant": True, "upcast_embeddings": False},
-        lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-        data={"seq_len": 512},
-        train={"micro_batch": 1, "grad_ckpt": True},
+        lora={"r": r, "alpha": 2 * r, "target_modules": targets},
+        data={"seq_len": seq},
+        train={"micro_batch": mb, "grad_ckpt": ckpt, "optimizer": optimizer},
     )
-    b = estimate(Q7, c, "bfloat16", "cuda")
-    assert allocated_gib(b) == pytest.approx(6.25, rel=0.10)
-    assert b.trainable_params == Q7.lora_params(8, ["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize("method,r,targets,mb,seq,ckpt,optimizer,measured", MEASURED_Q7)
+def test_known_answer_within_5_percent_of_measured(method, r, targets, mb, seq, ckpt, optimizer, measured):
+    b = estimate(Q7, calibration_config(method, r, targets, mb, seq, ckpt, optimizer), "bfloat16", "cuda")
+    assert b.peak_gib == pytest.approx(measured, rel=0.05)
+
+
+def test_known_answer_breakdown_qlora_8gb():
+    """The 8 GB preset's shape: what is live at the loss peak, part by part."""
+    b = estimate(Q7, calibration_config("qlora", 16, ["q_proj", "k_proj", "v_proj", "o_proj"], 1, 512, True, "adamw_torch"))
+    assert b.phase == "loss"
+    # 4-bit linears (nf4 + double quant) + 16-bit embeddings, lm_head and norms
+    assert b.weights / GIB == pytest.approx(5.17, abs=0.01)
+    assert b.gradients == 0  # freed after every optimizer step; not live at the loss
+    assert b.adapters == b.trainable_params * 4  # fp32 LoRA weights
+    assert b.optimizer == b.trainable_params * 8  # two fp32 Adam moments
+    assert b.logits == 512 * Q7.vocab * 12
+    assert b.activations == Q7.layers * 512 * Q7.hidden * 2  # checkpointed block inputs
     assert b.cuda_context == CUDA_CONTEXT_GIB * GIB
 
 
-def test_known_answer_bf16_lora_r128_all_linear_seq1536():
-    c = cfg(
-        method="lora",
-        lora={"r": 128, "alpha": 256, "target_modules": "all-linear"},
-        data={"seq_len": 1536},
-        train={"micro_batch": 1, "grad_ckpt": True},
-    )
-    b = estimate(Q7, c, "bfloat16", "cuda")
-    assert allocated_gib(b) == pytest.approx(20.98, rel=0.10)
+def test_calibration_data_meets_the_error_targets():
+    """Every GPU measurement in the repo, predicted again by this checkout's model:
+    median |error| <= 5%, worst <= 10%, never more than 5% under the measured peak."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    from calibration_report import rows, summary
+
+    table = rows(root / "docs/benchmarks/calibration/calibration.jsonl")
+    s = summary(table)
+    assert s["runs"] >= 30 and s["archs"] >= 3
+    assert s["median_abs_error_pct"] <= 5
+    assert s["worst_abs_error_pct"] <= 10
+    assert s["worst_under_prediction_pct"] <= 5, [r for r in table if r["error_pct"] < -5]
 
 
 def test_upcast_embeddings_costs_about_2_gib():
@@ -101,9 +136,16 @@ def test_full_finetune_trains_every_param():
     assert b.adapters == 0
     # bf16 weights + bf16 grads + 2 x bf16 Adam moments
     assert b.weights == Q7.total_params * 2
-    assert b.optimizer == Q7.total_params * 4
+    # The peak is the optimizer step: bf16 grads, two bf16 Adam moments and the
+    # foreach step's one parameter-sized temporary (measured on 3B: -0.8% error).
+    assert b.phase == "optimizer step"
+    assert b.gradients == Q7.total_params * 2
+    assert b.optimizer == Q7.total_params * (4 + 2)
+    fused = estimate(Q7, cfg(method="full", train={"optimizer": "adamw_torch_fused"}), "bfloat16")
+    assert fused.optimizer == Q7.total_params * 4
     b8 = estimate(Q7, cfg(method="full", train={"optimizer": "adamw_8bit"}), "bfloat16")
-    assert b8.optimizer == Q7.total_params * 2
+    # 8-bit moments, but the Trainer keeps nn.Embedding on 32-bit states (+ an fp32 grad copy)
+    assert b8.optimizer == (Q7.total_params - Q7.embed_params) * 2 + Q7.embed_params * (8 + 4)
 
 
 def test_float32_costs_more_than_bf16():
@@ -142,7 +184,8 @@ def test_longer_sequence_never_predicts_less(seq, extra, method, ckpt, targets, 
     a = estimate(Q7, build(method, ckpt, targets, dropout, stage, gpus, seq=seq), dtype)
     b = estimate(Q7, build(method, ckpt, targets, dropout, stage, gpus, seq=seq + extra), dtype)
     assert b.peak >= a.peak
-    assert b.activations >= a.activations and b.logits >= a.logits
+    if a.phase == b.phase:  # the parts are what is live at the peak: comparable within one phase
+        assert b.activations >= a.activations and b.logits >= a.logits
 
 
 @settings(max_examples=150, deadline=None, database=None)
@@ -179,7 +222,7 @@ def test_zero_with_two_gpus_predicts_less_per_gpu(stage, method):
     one = estimate(Q7, cfg(method=method, deepspeed={"stage": stage}, launch={"gpus": 1}))
     two = estimate(Q7, cfg(method=method, deepspeed={"stage": stage}, launch={"gpus": 2}))
     assert two.peak < one.peak
-    assert two.gradients < one.gradients and two.optimizer < one.optimizer
+    assert two.gradients <= one.gradients and two.optimizer < one.optimizer
     assert two.world_size == 2
     if stage == 3:
         assert two.weights == pytest.approx(one.weights / 2)
@@ -275,7 +318,7 @@ def test_fit_hint_never_turns_full_fine_tuning_into_an_adapter():
     p = plan_for("80gb", fake_facts(24), overrides={"budget_gib": 24})
     hint = suggest_fit(p)
     assert "qlora" not in hint and "lora" not in hint, hint
-    assert hint.startswith("this model needs a budget of at least 51."), hint
+    assert hint.startswith("this model needs a budget of at least 50."), hint
 
 
 def test_fit_hint_says_needed_budget_when_nothing_fits():

@@ -288,3 +288,17 @@ def test_valid_keys_covers_schema():
     assert keys["lora"] is True and keys["lora.r"] is False
     assert keys["launch.env"] is False  # a dict value, not a section
     assert "about" not in keys
+
+
+@pytest.mark.parametrize("name", [p.name for p in list_presets() if p.card_gib])
+def test_preset_fits_its_card_with_its_reference_model(name):
+    """"It fits": each card preset, on its reference model (Qwen2.5-7B), is predicted
+    under the card's memory by the calibrated memory model."""
+    from conftest import QWEN7B_CONFIG
+    from vramfit.memory import estimate
+    from vramfit.model_shape import shape_from_config
+
+    preset = load_preset(name)
+    cfg = resolve([(name, preset.values)]).config
+    peak = estimate(shape_from_config(QWEN7B_CONFIG), cfg, "bfloat16", "cuda").peak_gib
+    assert peak <= preset.card_gib, f"{name}: predicted {peak:.2f} GiB on a {preset.card_gib} GiB card"

@@ -56,13 +56,29 @@ class MemoryMonitor:
         self.cuda = cuda
         self.nvml_peak: int | None = None
         self.context_bytes: int | None = None
+        # What the process holds outside the caching allocator (CUDA context, cuBLAS/
+        # cuDNN handles, NCCL): NVML's figure minus the allocator's reserved bytes.
+        self.outside_peak: int | None = None
 
     def sample(self) -> None:
         if not self.cuda:
             return
+        import torch
+
         used = _nvml_process_bytes()
         if used is not None:
             self.nvml_peak = max(self.nvml_peak or 0, used)
+            self.outside_peak = max(self.outside_peak or 0, used - torch.cuda.memory_reserved())
+
+    def process_peak(self) -> int | None:
+        """The process's peak as a card sees it. NVML is only sampled between steps; the
+        allocator's reserved peak (exact) plus the outside-allocator bytes covers a peak
+        reached mid-step too."""
+        import torch
+
+        if self.outside_peak is None:
+            return self.nvml_peak
+        return max(self.nvml_peak or 0, torch.cuda.max_memory_reserved() + self.outside_peak)
 
     def line(self) -> str:
         if not self.cuda:
@@ -86,7 +102,9 @@ class MemoryMonitor:
             "device": torch.cuda.get_device_name(),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
-            "peak_process_gib": round(self.nvml_peak / GIB, 3) if self.nvml_peak else None,
+            "peak_process_gib": round(self.process_peak() / GIB, 3) if self.process_peak() else None,
+            "peak_nvml_sampled_gib": round(self.nvml_peak / GIB, 3) if self.nvml_peak else None,
+            "outside_allocator_gib": round(self.outside_peak / GIB, 3) if self.outside_peak is not None else None,
             "cuda_context_gib": round(self.context_bytes / GIB, 3) if self.context_bytes else None,
         }
 
@@ -98,10 +116,15 @@ def apply_budget(budget_gib: float, monitor: MemoryMonitor) -> str:
     torch.zeros(1, device="cuda")  # create the context so it can be measured
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     used = _nvml_process_bytes()
-    # Outside the allocator: the CUDA context and library handles. If NVML can't
-    # tell us, assume the 0.5 GiB the memory model assumes too.
-    context = (used - torch.cuda.memory_reserved()) if used else GIB // 2
+    # Outside the allocator: the CUDA context now, and later the cuBLAS/cuDNN handles
+    # and workspaces the first matmuls create. The budget must leave room for all of
+    # it, so reserve the larger of what is there now and what the memory model
+    # expects by the peak (calibrated on GPUs: docs/memory-model.md).
+    from .memory import CUDA_CONTEXT_GIB
+
+    context = (used - torch.cuda.memory_reserved()) if used else int(CUDA_CONTEXT_GIB * GIB)
     monitor.context_bytes = context
+    context = max(context, int(CUDA_CONTEXT_GIB * GIB))
     allowed = budget_gib * GIB - context
     if allowed <= 0:
         raise ValueError(f"budget {budget_gib} GiB is below the CUDA context ({context / GIB:.2f} GiB)")
@@ -109,5 +132,5 @@ def apply_budget(budget_gib: float, monitor: MemoryMonitor) -> str:
     torch.cuda.set_per_process_memory_fraction(fraction)
     return (
         f"budget: {budget_gib:g} GiB per process = allocator cap {allowed / GIB:.2f} GiB"
-        f" + CUDA context {context / GIB:.2f} GiB ({fraction:.4f} of {total / GIB:.1f} GiB)"
+        f" + {context / GIB:.2f} GiB outside the allocator ({fraction:.4f} of {total / GIB:.1f} GiB)"
     )

@@ -1,10 +1,20 @@
 """Predicted peak GPU memory per process, as a breakdown. Pure arithmetic: no torch.
 
-This is the first-order model: each part counts the tensors vramfit's own training
-stack (HF Trainer + PEFT + bitsandbytes, sdpa attention) keeps alive at the peak,
-which is the backward pass of the last micro-batch. The constants that are not
-tensor sizes (allocator slack, CUDA context) are stated below and are what GPU
-calibration (``docs/benchmarks/``) corrects.
+The model follows what vramfit's own training stack (HF Trainer + PEFT +
+bitsandbytes, sdpa attention, PyTorch's caching allocator with expandable segments)
+keeps alive, phase by phase, and takes the largest:
+
+- loss: weights, adapters, optimizer state, saved activations, and the loss over
+  full-vocabulary logits (the peak of almost every adapter run);
+- backward: the same plus gradients, with one checkpointed block recomputed;
+- optimizer step: weights, gradients, optimizer state and the step's temporaries
+  (the peak of full fine-tuning).
+
+Byte counts are exact where they are tensor sizes. The four numbers that are not
+(loss bytes per logit, saved activation bytes per token and layer, the allocator's
+slack, the memory outside the allocator) were fitted to 42 measured runs over four
+architectures on an H200: docs/memory-model.md shows the errors, and
+scripts/calibrate_memory.py re-measures them when the stack changes.
 """
 
 from __future__ import annotations
@@ -23,18 +33,33 @@ NF4_BYTES = 0.5 + 4 / 64
 NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_BYTES = 1.0 + 4 / 4096  # LLM.int8 row-wise scales, roughly
 
-# The caching allocator reserves more than it hands out (block rounding,
-# fragmentation between differently sized activations). Measured reserved /
-# allocated ratios on an H200 were 1.10-1.12 for 7B LoRA/QLoRA runs
-# (shared/gpu/README.md); expandable segments keep it near the low end.
-ALLOCATOR_SLACK = 0.10
-# CUDA context + cuBLAS/cuDNN workspaces outside the allocator, per process.
-CUDA_CONTEXT_GIB = 0.5
+# Outside the caching allocator, per process: CUDA context, cuBLAS/cuDNN handles
+# and workspaces. NVML minus the allocator's reserved bytes read 0.74 GiB in every
+# calibration run (H100 and H200, torch 2.11 + CUDA 13).
+CUDA_CONTEXT_GIB = 0.75
 
-# Loss over full-vocabulary logits, per token and vocab entry at the peak:
-# 16-bit logits (2) + the fp32 upcast inside the loss (4) + its fp32 gradient (4).
-LOGITS_BYTES = 10
+# The loss over full-vocabulary logits, per token and vocabulary entry, at its peak
+# (the backward of cross-entropy): the fp32 upcast's log-softmax kept for backward,
+# its gradient and the gradient it produces: 3 x 4 bytes. Measured: 11.7-12.1.
+LOSS_BYTES = 12
+# The caching allocator keeps the freed 16-bit logits and fp32 upcast blocks it
+# cannot reuse for the backward's fp32 tensors: about one more fp32 logits tensor
+# (4 bytes per logit) while that is under LOSS_SLACK_KNEE_GIB, and 36% of the rest
+# above it (large blocks are split and reused more). Fitted to the reserved-minus-
+# allocated gap of the calibration runs.
+LOSS_SLACK_KNEE_GIB = 2.4
+LOSS_SLACK_ABOVE = 0.36
+# Fragmentation when the peak is not the loss (optimizer step, backward).
+OTHER_SLACK = 0.04
 
+# Saved activations per token and decoder layer, in 16-bit elements, fitted to the
+# runs without checkpointing: norms, rotary q/k, sdpa inputs and output, the gated
+# MLP's four intermediates (ACT_CORE x (4h + 2q + 2kv + 4i)); full fine-tuning also
+# keeps every linear layer's input for its weight gradient (2h + q + i); LoRA with
+# dropout keeps a dropped-out copy of each targeted layer's input plus its mask
+# (ACT_LORA_DROPOUT x in_features).
+ACT_CORE = 0.85
+ACT_LORA_DROPOUT = 1.41
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
@@ -48,6 +73,7 @@ class MemoryBreakdown:
     cuda_context: float
     trainable_params: int
     world_size: int = 1
+    phase: str = "loss"  # when the peak happens: the parts are what is live then
 
     PARTS = (
         "weights",
@@ -88,24 +114,41 @@ def trainable_params(shape: ModelShape, cfg: RunConfig) -> int:
     return shape.lora_params(cfg.lora.r, cfg.lora.target_modules)
 
 
-def _activations(shape: ModelShape, cfg: RunConfig, dtype_bytes: int) -> float:
-    """Saved activations of one micro-batch, in bytes."""
-    tokens = cfg.train.micro_batch * cfg.data.seq_len
-    h, kv, i = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
-    q = shape.heads * shape.head_dim
-    # One decoder block with sdpa (no s^2 attention matrix kept): norms and
-    # residuals (~4h), q/k/v and attention output (2q + 2kv), the gated MLP's
-    # gate, up, activation and product (4i).
-    per_layer = tokens * dtype_bytes * (4 * h + 2 * q + 2 * kv + 4 * i)
-    if cfg.uses_adapter and cfg.lora.dropout > 0:
-        # LoRA dropout keeps a copy of each targeted layer's input.
+def _targets(shape: ModelShape, cfg: RunConfig) -> list[str]:
+    linears = shape.layer_linears()
+    return list(linears) if cfg.lora.target_modules == "all-linear" else [t for t in cfg.lora.target_modules if t in linears]
+
+
+def layer_activation_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int) -> float:
+    """Activations one decoder block saves for backward over one micro-batch."""
+    h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    units = ACT_CORE * (4 * h + 2 * q + 2 * kv + 4 * i)
+    if cfg.method == "full":
+        units += 2 * h + q + i
+    elif cfg.lora.dropout > 0:
         linears = shape.layer_linears()
-        targets = list(linears) if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules
-        per_layer += tokens * dtype_bytes * sum(linears[t][0] for t in targets if t in linears)
-    if cfg.train.grad_ckpt:
-        # Checkpointing keeps each block's input and recomputes one block at a time.
-        return shape.layers * tokens * dtype_bytes * h + per_layer
-    return shape.layers * per_layer
+        units += ACT_LORA_DROPOUT * sum(linears[t][0] for t in _targets(shape, cfg))
+    return cfg.train.micro_batch * cfg.data.seq_len * dtype_bytes * units
+
+
+def _optimizer_bytes(shape: ModelShape, cfg: RunConfig, n_train: int, state_bytes: int) -> tuple[float, float]:
+    """(persistent state on the GPU, temporaries during the step)."""
+    opt = cfg.train.optimizer
+    if opt == "sgd":
+        return 0.0, 0.0
+    if opt.startswith("paged_"):
+        # Paged optimizers keep their state in CUDA managed memory, which the driver
+        # evicts to host RAM under pressure: not a cause of OOM (but of slower steps).
+        return 0.0, 0.0
+    if opt.endswith("8bit"):
+        # Two 8-bit moments; the Trainer keeps nn.Embedding weights on 32-bit states,
+        # and bitsandbytes updates those through an fp32 copy of their gradient.
+        emb = shape.embed_params if cfg.method == "full" else 0
+        return (n_train - emb) * 2 + emb * 8, emb * 4
+    # torch AdamW: two moments in the parameters' dtype; the default (foreach) step
+    # holds one parameter-sized temporary, the fused kernel none.
+    temp = 0 if opt == "adamw_torch_fused" else n_train * state_bytes
+    return n_train * 2 * state_bytes, temp
 
 
 def estimate(shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", device: str = "cuda") -> MemoryBreakdown:
@@ -131,28 +174,45 @@ def estimate(shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", device:
     train_bytes = 4 if cfg.uses_adapter else b
     adapters = n_train * train_bytes if cfg.uses_adapter else 0.0
     gradients = n_train * train_bytes
-    opt = cfg.train.optimizer
-    per_param = 0 if opt == "sgd" else 2 if opt.endswith("8bit") else 2 * train_bytes
-    optimizer = n_train * per_param
+    optimizer, opt_temp = _optimizer_bytes(shape, cfg, n_train, train_bytes)
     if stage >= 2:
         gradients /= world
-        optimizer = 0.0 if cfg.deepspeed.offload_optimizer else optimizer / world
+        optimizer, opt_temp = (0.0, 0.0) if cfg.deepspeed.offload_optimizer else (optimizer / world, opt_temp / world)
         if cfg.deepspeed.offload_optimizer:
             # ZeRO-Offload keeps fp32 gradient partitions on the host, bf16 buckets here.
             gradients = min(gradients, 2 * 5e8 * b)
 
-    activations = _activations(shape, cfg, b)
-    logits = cfg.train.micro_batch * cfg.data.seq_len * shape.vocab * LOGITS_BYTES
-    allocated = weights + adapters + gradients + optimizer + activations + logits
+    tokens = cfg.train.micro_batch * cfg.data.seq_len
+    layer_acts = layer_activation_bytes(shape, cfg, b)
+    ckpt_inputs = shape.layers * tokens * shape.hidden * b
+    saved = ckpt_inputs if cfg.train.grad_ckpt else shape.layers * layer_acts
+    logits = tokens * shape.vocab * LOSS_BYTES
+    fp32_logits = tokens * shape.vocab * 4
+    knee = LOSS_SLACK_KNEE_GIB * GIB
+    loss_slack = fp32_logits if fp32_logits <= knee else knee + LOSS_SLACK_ABOVE * (fp32_logits - knee)
+
+    base = weights + adapters + optimizer
+    phases = {
+        "loss": (base + saved + logits, {"activations": saved, "logits": logits}),
+        "backward": (
+            base + gradients + (ckpt_inputs + layer_acts if cfg.train.grad_ckpt else layer_acts),
+            {"gradients": gradients, "activations": ckpt_inputs + layer_acts if cfg.train.grad_ckpt else layer_acts},
+        ),
+        "optimizer step": (base + gradients + opt_temp, {"gradients": gradients, "optimizer": optimizer + opt_temp}),
+    }
+    phase = max(phases, key=lambda k: phases[k][0] + (loss_slack if k == "loss" else OTHER_SLACK * phases[k][0]))
+    allocated, live = phases[phase]
+    parts = {"gradients": 0.0, "activations": 0.0, "logits": 0.0, "optimizer": optimizer, **live}
     return MemoryBreakdown(
         weights=weights,
         adapters=adapters,
-        gradients=gradients,
-        optimizer=optimizer,
-        activations=activations,
-        logits=logits,
-        allocator_slack=allocated * ALLOCATOR_SLACK,
+        gradients=parts["gradients"],
+        optimizer=parts["optimizer"],
+        activations=parts["activations"],
+        logits=parts["logits"],
+        allocator_slack=loss_slack if phase == "loss" else OTHER_SLACK * allocated,
         cuda_context=CUDA_CONTEXT_GIB * GIB if device == "cuda" else 0.0,
         trainable_params=n_train,
         world_size=world,
+        phase=phase,
     )

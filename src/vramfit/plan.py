@@ -159,6 +159,11 @@ def suggest_fit(plan: Plan) -> str:
                 change = label + (f"data.seq_len={seq}" if seq != cfg.data.seq_len else "")
                 return f"--set {change.strip().replace(' ', ' --set ')} fits ({peak(cand):.1f} GiB)"
             seq //= 2
+    if cfg.method == "full" and not cfg.train.optimizer.startswith("paged_"):
+        # Full fine-tuning peaks at the optimizer step; paged state moves to host RAM under pressure.
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"optimizer": "paged_adamw_8bit"})})
+        if peak(c) <= budget:
+            return f"--set train.optimizer=paged_adamw_8bit fits ({peak(c):.1f} GiB; its state pages out to host RAM)"
     from .presets import list_presets, resolve
 
     for p in sorted(list_presets(), key=lambda p: -(p.card_gib or 0)):

@@ -81,9 +81,22 @@ class Progress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = self.last_t = time.perf_counter()
         self.start_step = state.global_step
+        self.step_marks: list[tuple[float, int]] = []
 
     def on_step_end(self, args, state, control, **kw):
         self.monitor.sample()
+        if self.monitor.cuda:
+            torch.cuda.synchronize()  # step timing must include the queued kernels
+        self.step_marks.append((time.perf_counter(), self.trainer_ref[0].tokens_seen))
+
+    def steady_tokens_per_s(self) -> float | None:
+        """Tokens/s from the end of the first optimizer step to the last: excludes the
+        one-off costs (allocator warm-up, kernel autotuning, lazy optimizer state) that
+        a real run amortises, so it is what a long run sees and what the speed model predicts."""
+        if len(self.step_marks) < 2:
+            return None
+        (t0, n0), (t1, n1) = self.step_marks[0], self.step_marks[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-9)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or "loss" not in logs:
@@ -189,13 +202,19 @@ def check_disk_for_checkpoints(run_dir: Path, model, cfg: RunConfig) -> None:
     """Refuse to start when the disk cannot hold the checkpoints the plan keeps.
 
     A checkpoint holds the trainable weights and their optimizer state (Adam: two
-    fp32 moments); rotation keeps save_total_limit of them plus the one being written,
-    and the final output needs one more set of weights.
+    moments in the parameters' dtype, or one byte each for 8-bit optimizers);
+    rotation keeps save_total_limit of them plus the one being written (fewer if the
+    run is too short to save that often; a preemption adds one), and the final
+    output needs one more set of weights.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() * p.element_size() for p in params)
-    per_ckpt = trainable + 8 * sum(p.numel() for p in params)
-    need = per_ckpt * (cfg.train.save_total_limit + 1) + trainable
+    moments = sum(p.numel() * (1 if "8bit" in cfg.train.optimizer else p.element_size()) for p in params)
+    per_ckpt = trainable + 2 * moments
+    kept = cfg.train.save_total_limit + 1
+    if cfg.train.max_steps > 0:
+        kept = min(kept, cfg.train.max_steps // cfg.train.save_steps + 1)
+    need = per_ckpt * kept + trainable
     free = shutil.disk_usage(run_dir).free
     if free < need:
         raise VramfitError(
@@ -239,6 +258,23 @@ def promote_checkpoint(checkpoint: Path, tokenizer, run_dir: Path, name: str) ->
     tokenizer.save_pretrained(str(tmp))
     os.rename(tmp, final)
     return final
+
+
+def _round(rate: float | None, world: int) -> float | None:
+    return None if rate is None else round(rate * world, 1)
+
+
+def _gpu_turn(path: str | None):
+    """For calibration and benchmarks that share one GPU between several runs: wait
+    for an exclusive lock on ``path`` before training, so loading overlaps between runs
+    but the timed steps never do. Unset in normal use."""
+    if not path:
+        return None
+    import fcntl
+
+    fh = open(path, "a+")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    return fh
 
 
 def run(run_dir: Path, resume: bool) -> dict[str, Any]:
@@ -309,6 +345,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     trainer.add_callback(preemption)
     if preemption.requested is not None:
         raise Preempted("stopped by a signal before training started; nothing to save", "rerun the same command to start")
+    gate = _gpu_turn(os.environ.get("VRAMFIT_GPU_TURN"))  # noqa: F841 (held until exit)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
@@ -328,6 +365,8 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         "tokens": trainer.tokens_seen * int(os.environ.get("WORLD_SIZE", 1)),
         "train_seconds": round(seconds, 2),
         "tokens_per_s": round(trainer.tokens_seen * int(os.environ.get("WORLD_SIZE", 1)) / max(seconds, 1e-9), 1),
+        "steady_tokens_per_s": _round(progress.steady_tokens_per_s(), int(os.environ.get("WORLD_SIZE", 1))),
+        "predicted_tokens_per_s": doc.get("predicted_tokens_per_s"),
         "predicted_peak_gib": doc.get("predicted_peak_gib"),
         "budget_gib": cfg.budget_gib,
         "data": s,
