@@ -43,14 +43,16 @@ def _task(rng: random.Random) -> tuple[str, str, str]:
     return "Repeat the first word three times.", " ".join(words), " ".join([words[0]] * 3)
 
 
-def generate(n: int, seed: int, min_chars: int = 0) -> list[dict[str, str]]:
+def generate(n: int, seed: int, min_chars: int = 0, max_chars: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         instruction, inp, out = _task(rng)
         # Long mode: pad the response with more worked examples so a byte-level
-        # tokenizer sees at least min_chars tokens per example.
-        while len(instruction) + len(inp) + len(out) < min_chars:
+        # tokenizer sees at least min_chars tokens per example (or a length drawn
+        # uniformly from min_chars..max_chars, for a spread like real data).
+        target = rng.randint(min_chars, max_chars) if max_chars > min_chars else min_chars
+        while len(instruction) + len(inp) + len(out) < target:
             i2, x2, o2 = _task(rng)
             out += f"\n{i2} {x2} -> {o2}"
         rows.append({"instruction": instruction, "input": inp, "output": out})
@@ -62,12 +64,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=320)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-chars", type=int, default=0)
+    ap.add_argument("--max-chars", type=int, default=0, help="with --min-chars: lengths spread uniformly up to this")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/vramfit/embedded/instructions.jsonl")
     a = ap.parse_args()
     tmp = a.out.with_name(a.out.name + ".tmp")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with tmp.open("w", encoding="utf-8") as f:
-        for row in generate(a.n, a.seed, a.min_chars):
+        for row in generate(a.n, a.seed, a.min_chars, a.max_chars):
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, a.out)  # never leave a half-written dataset behind
     print(f"wrote {a.n} examples to {a.out}")

@@ -128,7 +128,10 @@ def presets_show(name: str) -> None:
 # ------------------------------------------------------------------ plan / train
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model dir or hub id (default: the embedded tiny model).")
-PresetOpt = typer.Option(None, "--preset", "-p", help="Preset name, or 'auto' (default: auto with a GPU, cpu without).")
+PresetOpt = typer.Option(
+    None, "--preset", "-p", help="Preset name, or 'auto': fit the fastest plan to the budget (default: the detected card's preset, cpu without a GPU)."
+)
+PriceOpt = typer.Option(None, "--gpu-hour-price", help="Price of one GPU-hour: the plan also predicts the run's cost.")
 DataOpt = typer.Option(None, "--data", "-d", help="Dataset: jsonl/json/csv/parquet or hub id (default: shipped demo set).")
 # No click range check here: its error is a usage panel, not vramfit's one line (_make_plan checks).
 BudgetOpt = typer.Option(None, "--budget", help="GPU memory cap in GiB per process, CUDA context included.")
@@ -140,25 +143,28 @@ TrustOpt = typer.Option(
 )
 
 
-def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote_code=False):
+def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote_code=False, price=None):
     if budget is not None and not budget > 0:
         raise UsageError(f"--budget must be a positive number of GiB, got {budget:g}", "e.g. --budget 8 for an 8 GB card")
+    if price is not None and not price >= 0:
+        raise UsageError(f"--gpu-hour-price must be zero or more, got {price:g}", "e.g. --gpu-hour-price 2.49")
     from .hardware import detect as probe
     from .hardware import recommend_preset
     from .model_shape import load_shape
-    from .plan import build_plan
+    from .plan import build_plan, resolve_dtype
     from .presets import list_presets, resolve_layers
 
     facts = probe()
-    if preset in (None, "auto"):
+    auto = preset == "auto"
+    if preset is None:
+        # No preset named: the card preset for the detected GPU (or --budget).
         cards = {p.name: p.card_gib for p in list_presets()}
         if budget is not None and facts.has_gpu:
             from .hardware import fake_facts
 
-            pick, _ = recommend_preset(fake_facts(budget, free_gib=budget), cards)
+            preset, _ = recommend_preset(fake_facts(budget, free_gib=budget), cards)
         else:
-            pick, _ = recommend_preset(facts, cards)
-        preset = pick
+            preset, _ = recommend_preset(facts, cards)
     overrides: dict = {}
     if model is not None:
         overrides["model"] = {"name": model}
@@ -168,23 +174,56 @@ def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote
         overrides["budget_gib"] = budget
     if trust_remote_code:
         overrides.setdefault("model", {})["trust_remote_code"] = True
-    resolved = resolve_layers(preset, config_file, overrides, set_items)
+    if auto and not facts.has_gpu:
+        from .errors import FitError
+
+        raise FitError("--preset auto fits a plan to a GPU's memory, and no NVIDIA GPU was found", "use --preset cpu here")
+    resolved = resolve_layers(None if auto else preset, config_file, overrides, set_items)
     if resolved.preset and resolved.preset.name == "multi-gpu" and facts.gpu_count > 1:
         if resolved.sources.get("launch.gpus", "").startswith("preset"):
             resolved = resolve_layers(preset, config_file, overrides, [f"launch.gpus={facts.gpu_count}", *(set_items or [])])
     shape = load_shape(resolved.config.model.name)
-    plan = build_plan(resolved.config, shape, facts, resolved.sources, preset)
     # Read the dataset now: a malformed file should fail before a run dir exists.
     import datasets
 
     from .data import load_records
 
     datasets.disable_progress_bars()  # the one-line error (or the plan) is the output
-
     d = resolved.config.data
-    _, fmt = load_records(d.path, d.format, d.max_examples)
+    records, fmt = load_records(d.path, d.format, d.max_examples)
+    lengths = _length_stats(resolved.config, records) if facts.has_gpu else None
+    config, sources, choices = resolved.config, resolved.sources, []
+    if auto:
+        from .fit import auto_fit
+
+        pinned = {k for k, src in sources.items() if src != "default"}
+        fit_budget = config.budget_gib or facts.min_total_gib
+        dtype = resolve_dtype(config.model.dtype, facts)
+        fitted, choices = auto_fit(config, pinned, shape, fit_budget, facts.gpus[0].name, lengths, dtype)
+        before, after = _flat(config.model_dump(mode="json")), _flat(fitted.model_dump(mode="json"))
+        sources = {**sources, **{k: "auto" for k in after if after[k] != before.get(k)}}
+        config = fitted
+    plan = build_plan(config, shape, facts, sources, "auto" if auto else preset, lengths, len(records), price)
+    plan.choices = choices
     plan.notes.append(f"data: {d.path or 'shipped demo set'} ({fmt})")
     return plan
+
+
+# Length statistics come from at most this many records, evenly spaced: enough for
+# the percentiles auto-fit and the speed model use, quick on any dataset.
+LENGTH_SAMPLE = 2000
+
+
+def _length_stats(config, records):
+    from .data import tokenize_records
+    from .model_source import load_tokenizer
+    from .speed import LengthStats
+
+    step = max(1, len(records) // LENGTH_SAMPLE)
+    sample = records[::step][:LENGTH_SAMPLE]
+    tokenizer = load_tokenizer(config.model.name or "embedded:tiny", config.model.trust_remote_code)
+    examples, _ = tokenize_records(sample, tokenizer, 10**9, config.data.chat_template)
+    return LengthStats(tuple(len(e["input_ids"]) for e in examples))
 
 
 def _default_out(plan) -> Path:
@@ -205,8 +244,10 @@ def _print_plan(plan, verbose: bool) -> None:
         f" checkpointing {'on' if c.train.grad_ckpt else 'off'}, optimizer {c.train.optimizer}"
         + (f", ZeRO-{c.deepspeed.stage}" if c.deepspeed.stage else "")
     )
+    for line in plan.choices:
+        typer.echo(f"  auto: {line}")
     where = "GPU memory per process" if plan.device == "cuda" else "memory (CPU run, host RAM)"
-    typer.echo(f"  predicted {where} (first estimate, not yet calibrated):")
+    typer.echo(f"  predicted {where}, at its peak ({plan.breakdown.phase}; model calibrated on GPUs, docs/memory-model.md):")
     for part, gib in plan.breakdown.gib().items():
         typer.echo(f"    {part:<16} {gib:7.2f} GiB")
     verdict = ""
@@ -215,6 +256,13 @@ def _print_plan(plan, verbose: bool) -> None:
     elif plan.device == "cpu":
         verdict = " (CPU run: no GPU budget)"
     typer.echo(f"    {'predicted peak':<16} {plan.breakdown.peak_gib:7.2f} GiB{verdict}")
+    if plan.speed is not None:
+        line = f"  predicted speed {plan.speed.tokens_per_s:,.0f} tokens/s"
+        if plan.wall_s is not None:
+            line += f"; {plan.steps:,} steps in {_duration(plan.wall_s)}"
+        if plan.cost is not None:
+            line += f", about {plan.cost:,.2f} at {plan.gpu_hour_price:g}/GPU-hour"
+        typer.echo(line)
     for note in plan.notes:
         typer.echo(f"  note: {note}")
     if verbose:
@@ -222,6 +270,12 @@ def _print_plan(plan, verbose: bool) -> None:
         flat = _flat(c.model_dump(mode="json"))
         for key, value in flat.items():
             typer.echo(f"    {key} = {json.dumps(value)}  [{plan.sources.get(key, 'default')}]")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -245,13 +299,14 @@ def plan(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     trust_remote_code: bool = TrustOpt,
+    price: Optional[float] = PriceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Predict memory, write the run directory (configs + launch.sh); train nothing."""
     from .plan import require_fit
     from .render import write_run_dir
 
-    p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code)
+    p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code, price)
     require_fit(p)
     run_dir = write_run_dir(p, out or _default_out(p))
     if as_json:
@@ -272,6 +327,7 @@ def train(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     trust_remote_code: bool = TrustOpt,
+    price: Optional[float] = PriceOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and write the run directory only."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
 ) -> None:
@@ -284,11 +340,11 @@ def train(
         if out is None:
             raise UsageError("--resume needs --out RUN_DIR", "pass the run directory to continue")
         read_plan(out)  # validates it is a run dir
-        if any(x is not None for x in (model, preset, data, budget, config)) or set_ or trust_remote_code:
+        if any(x is not None for x in (model, preset, data, budget, config, price)) or set_ or trust_remote_code:
             typer.echo("note: --resume continues the run as planned; other options are ignored", err=True)
         run_dir = out.expanduser().resolve()
     else:
-        p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code)
+        p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code, price)
         require_fit(p)
         target = (out or _default_out(p)).expanduser().resolve()
         if (target / PLAN_FILE).is_file():
@@ -334,7 +390,21 @@ def train(
             f"done: {m.get('steps')} steps, loss {m.get('first_loss')} -> {m.get('final_loss')}, "
             f"{m.get('tokens_per_s', 0):,.0f} tokens/s"
         )
+        _report_prediction(m)
     typer.echo(f"next: vramfit merge {run_dir}")
+
+
+def _report_prediction(m: dict) -> None:
+    """Predicted against measured, once a GPU run finishes."""
+    pred_peak, peak = m.get("predicted_peak_gib"), m.get("peak_process_gib")
+    pred_rate, rate = m.get("predicted_tokens_per_s"), m.get("steady_tokens_per_s")
+    parts = []
+    if pred_peak and peak:
+        parts.append(f"peak {peak:.2f} GiB measured vs {pred_peak:.2f} predicted ({100 * (pred_peak - peak) / peak:+.1f}%)")
+    if pred_rate and rate:
+        parts.append(f"{rate:,.0f} tokens/s measured vs {pred_rate:,.0f} predicted ({100 * (pred_rate - rate) / rate:+.0f}%)")
+    if parts:
+        typer.echo("prediction: " + "; ".join(parts))
 
 
 # ------------------------------------------------------------------ merge

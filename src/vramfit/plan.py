@@ -14,6 +14,7 @@ from .errors import FitError, ModelError
 from .hardware import HardwareFacts
 from .memory import GIB, MemoryBreakdown, estimate
 from .model_shape import ModelShape
+from .speed import LengthStats, SpeedEstimate, estimate_speed
 
 
 @dataclass
@@ -29,6 +30,18 @@ class Plan:
     budget_source: str | None
     breakdown: MemoryBreakdown
     notes: list[str] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)  # auto-fit: one line per decision
+    speed: SpeedEstimate | None = None
+    steps: int | None = None  # optimizer steps the run will take
+    wall_s: float | None = None
+    gpu_hour_price: float | None = None
+    lengths: LengthStats | None = None
+
+    @property
+    def cost(self) -> float | None:
+        if self.wall_s is None or self.gpu_hour_price is None:
+            return None
+        return self.wall_s / 3600 * self.gpu_hour_price * self.config.world_size
 
     @property
     def model_ref(self) -> str:
@@ -52,6 +65,13 @@ class Plan:
             "budget_source": self.budget_source,
             "fits": self.fits,
             "breakdown": self.breakdown.gib(),
+            "peak_phase": self.breakdown.phase,
+            "predicted_tokens_per_s": round(self.speed.tokens_per_s, 1) if self.speed else None,
+            "predicted_steps": self.steps,
+            "predicted_wall_s": round(self.wall_s, 1) if self.wall_s is not None else None,
+            "predicted_cost": round(self.cost, 2) if self.cost is not None else None,
+            "gpu_hour_price": self.gpu_hour_price,
+            "auto_fit": self.choices,
             "trainable_params": self.breakdown.trainable_params,
             "total_params": self.shape.total_params,
             "notes": self.notes,
@@ -76,6 +96,9 @@ def build_plan(
     facts: HardwareFacts,
     sources: dict[str, str] | None = None,
     preset: str | None = None,
+    lengths: LengthStats | None = None,
+    n_examples: int | None = None,
+    gpu_hour_price: float | None = None,
 ) -> Plan:
     unknown = shape.unknown_targets(config.lora.target_modules) if config.uses_adapter else []
     if unknown:
@@ -110,6 +133,19 @@ def build_plan(
         notes.append(
             f"only {facts.min_free_gib:.1f} GiB is free on the GPU now (other processes hold memory; see `vramfit detect`)"
         )
+    speed = steps = wall = None
+    if device == "cuda":
+        speed = estimate_speed(shape, config, lengths, facts.gpus[0].name)
+        eff = config.train.micro_batch * config.train.grad_accum * config.world_size
+        if config.train.max_steps > 0:
+            steps = config.train.max_steps
+        elif n_examples:
+            steps = max(1, int(n_examples * config.train.epochs) // eff)
+        if steps:
+            per_example = lengths.mean_cut(config.data.seq_len) if lengths else config.data.seq_len
+            wall = steps * eff * per_example / speed.tokens_per_s
+        if not speed.gpu_known:
+            notes.append(f"speed is scaled from an A100's: {facts.gpus[0].name} is not in vramfit's GPU table")
     plan = Plan(
         config=config,
         sources=sources or {},
@@ -122,6 +158,11 @@ def build_plan(
         budget_source=budget_source,
         breakdown=breakdown,
         notes=notes,
+        speed=speed,
+        steps=steps,
+        wall_s=wall,
+        gpu_hour_price=gpu_hour_price,
+        lengths=lengths,
     )
     return plan
 

@@ -1,0 +1,188 @@
+"""Auto-fit: the fastest configuration whose predicted peak fits the budget. Pure.
+
+Searches method, sequence length, micro-batch (keeping the effective batch),
+gradient checkpointing and optimizer, never touching what the user pinned, and
+explains each choice in a line. Predictions come from the calibrated memory model
+(memory.py) and speed model (speed.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from .config import RunConfig
+from .errors import FitError
+from .memory import estimate
+from .model_shape import ModelShape
+from .speed import LengthStats, estimate_speed
+
+# Plans stay this far under the budget: the calibrated model's worst under-
+# prediction was 4.9% (docs/memory-model.md), so a plan predicted at 95% of the
+# budget is measured under it.
+SAFETY_MARGIN = 0.05
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+MIN_SEQ = 128
+
+
+@dataclass(frozen=True)
+class Candidate:
+    config: RunConfig
+    peak_gib: float
+    tokens_per_s: float
+
+
+def _with(cfg: RunConfig, **dotted) -> RunConfig:
+    """cfg with dotted keys replaced (``train__micro_batch=2``)."""
+    data = cfg.model_dump()
+    for key, value in dotted.items():
+        section, _, name = key.partition("__")
+        if name:
+            data[section][name] = value
+        else:
+            data[section] = value
+    return RunConfig.model_validate(data)
+
+
+def _seq_candidates(lengths: LengthStats | None, pinned: int | None, current: int) -> list[int]:
+    if pinned is not None:
+        return [pinned]
+    # The shortest multiple of 128 that holds the longest example, then halvings.
+    top = -(-(lengths.longest if lengths else current) // 128) * 128
+    out = [top]
+    while out[-1] // 2 >= MIN_SEQ:
+        out.append(-(-(out[-1] // 2) // 128) * 128)
+    return sorted(set(out), reverse=True)
+
+
+def auto_fit(
+    base: RunConfig,
+    pinned: set[str],
+    shape: ModelShape,
+    budget_gib: float,
+    gpu_name: str | None,
+    lengths: LengthStats | None,
+    dtype: str = "bfloat16",
+) -> tuple[RunConfig, list[str]]:
+    """The fastest plan under ``budget_gib`` (less the safety margin) and why, one line per choice.
+
+    ``pinned`` holds the dotted keys the user set (they are never changed). The effective
+    batch (micro_batch x grad_accum x GPUs) of ``base`` is kept."""
+    world = base.world_size
+    effective = base.train.micro_batch * base.train.grad_accum * world
+    limit = budget_gib * (1 - SAFETY_MARGIN)
+
+    methods = [base.method] if "method" in pinned else ["lora", "qlora"]
+    seqs = _seq_candidates(lengths, base.data.seq_len if "data.seq_len" in pinned else None, base.data.seq_len)
+    if "train.micro_batch" in pinned:
+        mbs = [base.train.micro_batch]
+    elif "train.grad_accum" in pinned:
+        per_gpu = effective // (base.train.grad_accum * world)
+        mbs = [max(per_gpu, 1)]
+    else:
+        mbs = [m for m in MICRO_BATCHES if effective % (m * world) == 0] or [1]
+    ckpts = [base.train.grad_ckpt] if "train.grad_ckpt" in pinned else [False, True]
+
+    def optimizers(method: str) -> list[str]:
+        if "train.optimizer" in pinned:
+            return [base.train.optimizer]
+        # Adapter optimizer state is small: keep the calibrated torch AdamW. Full
+        # fine-tuning: 8-bit states first, paged ones when even those don't fit.
+        return ["adamw_torch"] if method != "full" else ["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
+
+    feasible: list[Candidate] = []
+    smallest: Candidate | None = None
+    for method, seq, mb, ckpt in itertools.product(methods, seqs, mbs, ckpts):
+        for opt in optimizers(method):
+            ga = base.train.grad_accum if "train.grad_accum" in pinned else max(effective // (mb * world), 1)
+            cfg = _with(
+                base,
+                method=method,
+                data__seq_len=seq,
+                train__micro_batch=mb,
+                train__grad_accum=ga,
+                train__grad_ckpt=ckpt,
+                train__optimizer=opt,
+            )
+            peak = estimate(shape, cfg, dtype, "cuda").peak_gib
+            speed = estimate_speed(shape, cfg, lengths, gpu_name).tokens_per_s
+            cand = Candidate(cfg, peak, speed)
+            if smallest is None or peak < smallest.peak_gib:
+                smallest = cand
+            if peak <= limit:
+                feasible.append(cand)
+
+    if not feasible:
+        assert smallest is not None
+        c = smallest.config
+        need = smallest.peak_gib / (1 - SAFETY_MARGIN)
+        raise FitError(
+            f"nothing fits {budget_gib:g} GiB for this model: the smallest plan needs {need:.1f} GiB "
+            f"({c.method}, seq {c.data.seq_len}, micro-batch {c.train.micro_batch}, "
+            f"checkpointing {'on' if c.train.grad_ckpt else 'off'})",
+            f"use --budget {need:.1f} or more, a smaller model"
+            + (", or unpin what you set with --set/--config" if pinned - {"budget_gib", "model.name", "data.path"} else ""),
+        )
+
+    # The longest sequence anything fits (truncating as little as possible), then the fastest there.
+    best_seq = max(c.config.data.seq_len for c in feasible)
+    at_seq = [c for c in feasible if c.config.data.seq_len == best_seq]
+    best = max(at_seq, key=lambda c: c.tokens_per_s)
+    return best.config, _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, world)
+
+
+def _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, world) -> list[str]:
+    c = best.config
+    lines: list[str] = []
+    seq = c.data.seq_len
+    if lengths is not None:
+        share = lengths.truncated_share(seq)
+        if "data.seq_len" in pinned:
+            why = "pinned"
+        elif share == 0:
+            why = f"holds the longest example ({lengths.longest} tokens)"
+        else:
+            why = f"the longest that fits; the longest example has {lengths.longest} tokens"
+        lines.append(f"data.seq_len {seq}: {why}; {share:.1%} of examples truncated")
+    else:
+        lines.append(f"data.seq_len {seq}" + (": pinned" if "data.seq_len" in pinned else ""))
+
+    def fastest(pred) -> Candidate | None:
+        pool = [x for x in at_seq if pred(x.config)]
+        return max(pool, key=lambda x: x.tokens_per_s) if pool else None
+
+    if "method" in pinned:
+        lines.append(f"method {c.method}: pinned")
+    else:
+        other = fastest(lambda x: x.method != c.method)
+        alt = f"; {other.config.method} would train {other.tokens_per_s:,.0f} tokens/s" if other else (
+            "; lora (16-bit weights) does not fit" if c.method == "qlora" else ""
+        )
+        lines.append(f"method {c.method}: fastest that fits{alt}")
+    mb, ga = c.train.micro_batch, c.train.grad_accum
+    bigger = [x for x in at_seq if x.config.method == c.method and x.config.train.micro_batch > mb]
+    tag = "pinned" if {"train.micro_batch", "train.grad_accum"} & pinned else "fastest that fits"
+    more = "" if bigger or tag == "pinned" else f"; micro-batch {mb * 2} would not fit or not keep the batch"
+    lines.append(
+        f"train.micro_batch {mb} x train.grad_accum {ga}"
+        + (f" x {world} GPUs" if world > 1 else "")
+        + f" = effective batch {mb * ga * world} (kept at {effective}): {tag}{more}"
+    )
+    if "train.grad_ckpt" in pinned:
+        lines.append(f"train.grad_ckpt {str(c.train.grad_ckpt).lower()}: pinned")
+    elif c.train.grad_ckpt:
+        off = fastest(lambda x: x.method == c.method and not x.train.grad_ckpt)
+        lines.append(
+            "train.grad_ckpt true: "
+            + ("without it nothing fits at this length" if off is None else f"faster here ({off.tokens_per_s:,.0f} tokens/s without it)")
+        )
+    else:
+        lines.append("train.grad_ckpt false: activations fit, so no recomputation (~30% faster)")
+    lines.append(f"train.optimizer {c.train.optimizer}" + (": pinned" if "train.optimizer" in pinned else ""))
+    lines.append(
+        f"predicted peak {best.peak_gib:.2f} GiB of {budget_gib:g} GiB"
+        f" (plans stay under {budget_gib * (1 - SAFETY_MARGIN):.2f}: {SAFETY_MARGIN:.0%} safety margin)"
+    )
+    return lines
+
+

@@ -1,0 +1,143 @@
+"""Predicted training speed: tokens/s and wall time. Pure arithmetic: no torch.
+
+Time per micro-batch is the sum of four terms, each with one coefficient fitted
+to the calibration runs (docs/benchmarks/calibration/, H200):
+
+- matrix work: FLOPs / (the GPU's dense bf16 peak x an efficiency): 2N per token
+  forward through every linear layer (and the lm_head), 2N backward for the input
+  gradients, 2N more for weight gradients in full fine-tuning, 2N more to recompute
+  checkpointed blocks, plus causal attention (2 x layers x seq x q_dim forward);
+- 4-bit dequantization (QLoRA): every linear weight is dequantized once per pass
+  (forward, backward, recompute), independent of the tokens in the micro-batch;
+- per-layer launch overhead per pass (Python, PEFT/bitsandbytes wrappers, kernel
+  launches): what makes small micro-batches slow;
+- the loss over full-vocabulary logits, memory-bound: tokens x vocabulary.
+
+Padding counts: a micro-batch pads to its longest example, so the speed in real
+tokens is the padded speed times (mean length / padded length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import RunConfig
+from .model_shape import ModelShape
+
+# Dense bf16 tensor throughput (TFLOP/s, no sparsity) by GPU name, from the vendors'
+# data sheets. Used to scale the H200-fitted times to other cards: an estimate there.
+GPU_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("A6000", 155.0),
+    ("RTX 6000 Ada", 364.0),
+    ("4090", 165.0),
+    ("4080", 97.0),
+    ("4070", 58.0),
+    ("4060", 44.0),
+    ("3090", 71.0),
+    ("3080", 60.0),
+    ("3070", 40.0),
+    ("3060", 25.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
+    ("T4", 65.0),
+    ("V100", 125.0),
+)
+CALIBRATION_TFLOPS = 989.0  # the H200 the coefficients were fitted on
+DEFAULT_TFLOPS = 312.0
+
+# Fitted on the 42 calibration runs (robust least squares on log time per step).
+# These runs shared the GPU's loading phase with others, so the fit is rough:
+# docs/memory-model.md ("Speed") states its measured error.
+MATMUL_EFFICIENCY = 1 / 1.79  # fraction of the dense peak the matrix work reaches
+DEQUANT_S_PER_TPARAM_PASS = 0.772  # seconds per 1e12 dequantized weights
+LAYER_PASS_S = 3.2e-3  # seconds of overhead per decoder layer per pass
+LOSS_S_PER_TLOGIT = 12.87  # seconds per 1e12 logits through the loss, forward and back
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    """Example lengths in tokens (before truncation), as the dataset holds them."""
+
+    lengths: tuple[int, ...]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.lengths) / len(self.lengths)
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
+
+    def truncated_share(self, seq_len: int) -> float:
+        return sum(1 for n in self.lengths if n > seq_len) / len(self.lengths)
+
+    def mean_cut(self, seq_len: int) -> float:
+        return sum(min(n, seq_len) for n in self.lengths) / len(self.lengths)
+
+    def padded(self, seq_len: int, micro_batch: int) -> float:
+        """Expected length of the longest of ``micro_batch`` random examples (cut to
+        seq_len): what a micro-batch pads to. Exact over the empirical distribution."""
+        cut = sorted(min(n, seq_len) for n in self.lengths)
+        n = len(cut)
+        # P(max <= cut[i]) = ((i + 1) / n) ** mb for sampling with replacement.
+        total, prev = 0.0, 0.0
+        for i, v in enumerate(cut):
+            p = ((i + 1) / n) ** micro_batch
+            total += v * (p - prev)
+            prev = p
+        return total
+
+
+def gpu_tflops(name: str | None) -> tuple[float, bool]:
+    """(dense bf16 TFLOP/s, whether the GPU is known)."""
+    for key, tflops in GPU_TFLOPS:
+        if name and key.lower() in name.lower():
+            return tflops, True
+    return DEFAULT_TFLOPS, False
+
+
+def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float) -> float:
+    """Seconds for one micro-batch (forward + backward) on one GPU."""
+    tokens = cfg.train.micro_batch * padded_len
+    full, ckpt = cfg.method == "full", cfg.train.grad_ckpt
+    n_matmul = shape.linear_params + shape.vocab * shape.hidden
+    q = shape.heads * shape.head_dim
+    flops = tokens * (
+        n_matmul * (4 + (2 if full else 0) + (2 if ckpt else 0)) + 2 * shape.layers * padded_len * q * (3 + (1 if ckpt else 0))
+    )
+    passes = 3 if ckpt else 2
+    seconds = flops / (tflops * 1e12 * MATMUL_EFFICIENCY)
+    # The overhead terms were measured on the calibration GPU; scale them with its speed too.
+    scale = CALIBRATION_TFLOPS / tflops
+    if cfg.method == "qlora":
+        seconds += scale * DEQUANT_S_PER_TPARAM_PASS * passes * shape.linear_params * 1e-12
+    seconds += scale * LAYER_PASS_S * passes * shape.layers
+    seconds += scale * LOSS_S_PER_TLOGIT * tokens * shape.vocab * 1e-12
+    return seconds
+
+
+@dataclass(frozen=True)
+class SpeedEstimate:
+    tokens_per_s: float  # real (non-padding) tokens per second, all GPUs together
+    padded_share: float  # share of computed positions that are padding
+    gpu_known: bool
+
+
+def estimate_speed(shape: ModelShape, cfg: RunConfig, lengths: LengthStats | None, gpu_name: str | None) -> SpeedEstimate:
+    """Tokens/s of ``cfg``. Without length statistics, examples are assumed to fill seq_len."""
+    tflops, known = gpu_tflops(gpu_name)
+    seq = cfg.data.seq_len
+    if lengths is None:
+        padded = real = float(seq)
+    else:
+        padded, real = lengths.padded(seq, cfg.train.micro_batch), lengths.mean_cut(seq)
+    t = micro_step_seconds(shape, cfg, padded, tflops)
+    rate = cfg.train.micro_batch * real / t * cfg.world_size
+    return SpeedEstimate(tokens_per_s=rate, padded_share=1 - real / padded if padded else 0.0, gpu_known=known)
