@@ -104,7 +104,7 @@ def auto_fit(
                 train__grad_ckpt=ckpt,
                 train__optimizer=opt,
             )
-            peak = estimate(shape, cfg, dtype, "cuda").peak_gib
+            peak = estimate(shape, cfg, dtype, "cuda", lengths.longest if lengths else None).peak_gib
             speed = estimate_speed(shape, cfg, lengths, gpu_name).tokens_per_s
             cand = Candidate(cfg, peak, speed)
             if smallest is None or peak < smallest.peak_gib:

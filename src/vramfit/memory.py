@@ -151,9 +151,14 @@ def _optimizer_bytes(shape: ModelShape, cfg: RunConfig, n_train: int, state_byte
     return n_train * 2 * state_bytes, temp
 
 
-def estimate(shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", device: str = "cuda") -> MemoryBreakdown:
+def estimate(
+    shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", device: str = "cuda", longest: int | None = None
+) -> MemoryBreakdown:
     """Peak bytes per GPU process for ``cfg`` on ``shape``; ``dtype`` is the resolved compute dtype.
 
+    ``longest``: the dataset's longest example in tokens, if known. Micro-batches pad to
+    their longest example, so none is longer than min(seq_len, longest): that is the
+    worst case, and a dataset of short examples never reaches seq_len.
     On ``device="cpu"`` the same tensors live in host RAM, without a CUDA context."""
     b = _dtype_bytes(dtype)
     world = cfg.world_size
@@ -182,8 +187,9 @@ def estimate(shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", device:
             # ZeRO-Offload keeps fp32 gradient partitions on the host, bf16 buckets here.
             gradients = min(gradients, 2 * 5e8 * b)
 
-    tokens = cfg.train.micro_batch * cfg.data.seq_len
-    layer_acts = layer_activation_bytes(shape, cfg, b)
+    seq = min(cfg.data.seq_len, longest) if longest else cfg.data.seq_len
+    tokens = cfg.train.micro_batch * seq
+    layer_acts = layer_activation_bytes(shape, cfg, b) * seq / cfg.data.seq_len
     ckpt_inputs = shape.layers * tokens * shape.hidden * b
     saved = ckpt_inputs if cfg.train.grad_ckpt else shape.layers * layer_acts
     logits = tokens * shape.vocab * LOSS_BYTES

@@ -52,13 +52,15 @@ GPU_TFLOPS = (
 CALIBRATION_TFLOPS = 989.0  # the H200 the coefficients were fitted on
 DEFAULT_TFLOPS = 312.0
 
-# Fitted on the 42 calibration runs (robust least squares on log time per step).
-# These runs shared the GPU's loading phase with others, so the fit is rough:
-# docs/memory-model.md ("Speed") states its measured error.
-MATMUL_EFFICIENCY = 1 / 1.79  # fraction of the dense peak the matrix work reaches
-DEQUANT_S_PER_TPARAM_PASS = 0.772  # seconds per 1e12 dequantized weights
-LAYER_PASS_S = 3.2e-3  # seconds of overhead per decoder layer per pass
-LOSS_S_PER_TLOGIT = 12.87  # seconds per 1e12 logits through the loss, forward and back
+# Fitted (non-negative least squares on relative time per micro-batch) to the nine
+# auto-fit proof runs of Qwen2.5-0.5B and -3B on an H200, each trained alone for 20
+# steps (docs/benchmarks/autofit.md); the 7B and 8B proof runs are predicted, not
+# fitted. (The memory calibration runs shared the GPU with other runs' loading, so
+# their speeds are too noisy to fit.)
+MATMUL_EFFICIENCY = 1 / 1.172  # fraction of the dense peak the matrix work reaches
+DEQUANT_S_PER_TPARAM_PASS = 16.06  # seconds per 1e12 dequantized weights
+LAYER_PASS_S = 4.05e-3  # seconds of overhead per decoder layer per pass
+LOSS_S_PER_TLOGIT = 16.84  # seconds per 1e12 logits through the loss, forward and back
 
 
 @dataclass(frozen=True)
