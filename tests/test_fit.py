@@ -1,0 +1,103 @@
+"""Auto-fit and the speed model: pure functions, fake cards (8 GB, 24 GB, 2x80 GB)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import QWEN7B_CONFIG
+from vramfit.config import RunConfig
+from vramfit.errors import FitError
+from vramfit.fit import SAFETY_MARGIN, auto_fit
+from vramfit.memory import estimate
+from vramfit.model_shape import shape_from_config
+from vramfit.speed import LengthStats, estimate_speed
+
+Q7 = shape_from_config(QWEN7B_CONFIG)
+rng = random.Random(0)
+SHORT = LengthStats(tuple(rng.randint(150, 600) for _ in range(500)))
+LONG = LengthStats(tuple(rng.randint(3000, 6000) for _ in range(500)))
+
+
+def base(**sections) -> RunConfig:
+    return RunConfig.model_validate(sections)
+
+
+def fitted(budget, lengths=SHORT, pinned=(), gpus=1, **sections):
+    cfg = base(launch={"gpus": gpus}, **sections)
+    c, why = auto_fit(cfg, set(pinned), Q7, budget, "NVIDIA H200", lengths)
+    return c, why, estimate(Q7, c, "bfloat16", "cuda", lengths.longest).peak_gib
+
+
+@pytest.mark.parametrize("budget", [8, 24])
+def test_plan_is_predicted_under_budget_less_margin(budget):
+    c, why, peak = fitted(budget)
+    assert peak <= budget * (1 - SAFETY_MARGIN)
+    assert any(line.startswith("method ") for line in why)
+    assert why[-1].startswith(f"predicted peak {peak:.2f} GiB of {budget} GiB")
+
+
+def test_8gb_card_gets_qlora_with_checkpointing():
+    c, _, _ = fitted(8)
+    assert c.method == "qlora" and c.train.grad_ckpt
+
+
+def test_bigger_card_trains_faster_with_a_bigger_micro_batch():
+    small, _, _ = fitted(8)
+    big, _, _ = fitted(24)
+    assert big.train.micro_batch > small.train.micro_batch
+    assert estimate_speed(Q7, big, SHORT, "H200").tokens_per_s > estimate_speed(Q7, small, SHORT, "H200").tokens_per_s
+
+
+def test_effective_batch_is_kept():
+    for budget in (8, 24, 80):
+        c, _, _ = fitted(budget, train={"micro_batch": 1, "grad_accum": 16})
+        assert c.train.micro_batch * c.train.grad_accum == 16
+
+
+def test_two_80gb_gpus_keep_the_global_batch():
+    c, why, peak = fitted(80, gpus=2, train={"micro_batch": 1, "grad_accum": 16})
+    assert c.train.micro_batch * c.train.grad_accum * 2 == 1 * 16 * 2  # the global batch of the base
+    assert c.method == "lora"  # 16-bit weights fit an 80 GB card
+    assert "x 2 GPUs" in " ".join(why)
+
+
+def test_pinned_keys_are_never_changed():
+    c, why, _ = fitted(24, pinned={"method", "data.seq_len", "train.grad_ckpt"}, method="lora", data={"seq_len": 512},
+                       train={"grad_ckpt": True})  # fmt: skip
+    assert (c.method, c.data.seq_len, c.train.grad_ckpt) == ("lora", 512, True)
+    assert "method lora: pinned" in why
+
+
+def test_sequence_holds_the_longest_example_and_reports_truncation():
+    c, why, _ = fitted(24)
+    assert c.data.seq_len >= SHORT.longest
+    assert "0.0% of examples truncated" in why[0]
+    # Long examples on an 8 GB card: the longest length that fits, and the truncated share said.
+    c, why, _ = fitted(8, lengths=LONG)
+    assert c.data.seq_len < LONG.longest
+    share = LONG.truncated_share(c.data.seq_len)
+    assert share > 0 and f"{share:.1%} of examples truncated" in why[0]
+
+
+def test_nothing_fits_names_the_smallest_budget():
+    with pytest.raises(FitError, match=r"nothing fits 3 GiB.*the smallest plan needs (\d+\.\d) GiB") as e:
+        fitted(3)
+    need = float(e.value.args[0].split("needs ")[1].split(" GiB")[0])
+    c, _, _ = fitted(need + 0.05)  # and that budget does fit
+    assert c.method == "qlora"
+
+
+def test_speed_counts_padding():
+    c = base(data={"seq_len": 1024}, train={"micro_batch": 8})
+    uniform = LengthStats((500,) * 100)
+    spread = LengthStats(tuple([100] * 70 + [1000] * 30))
+    # Same mean-ish tokens, but a spread pads most micro-batches to 1000.
+    assert spread.padded(1024, 8) > 900 and uniform.padded(1024, 8) == 500
+    assert estimate_speed(Q7, c, spread, "H200").padded_share > 0.5
+
+
+def test_unknown_gpu_is_flagged():
+    assert not estimate_speed(Q7, base(), SHORT, "Mystery Accelerator").gpu_known
+    assert estimate_speed(Q7, base(), SHORT, "NVIDIA H100 80GB HBM3").gpu_known
