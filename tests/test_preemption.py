@@ -55,9 +55,22 @@ def _logged(log: Path, step: int):
     return lambda: log.is_file() and f"step {step}/" in log.read_text()
 
 
+def _staging(ckpt: Path) -> Path:
+    """Where the trainer writes `ckpt` before renaming it into place."""
+    return ckpt.parent / f".tmp-{ckpt.name}"
+
+
 def _saving(ckpt: Path):
-    """True while the Trainer is writing `ckpt`: the directory exists, trainer_state.json not yet."""
-    return lambda: ckpt.is_dir() and not (ckpt / "trainer_state.json").exists()
+    """True while the trainer is writing `ckpt`: its staging directory exists."""
+    return lambda: _staging(ckpt).is_dir()
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+
+
+def _staged(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob(".tmp-*"))
 
 
 def interrupt(cwd: Path, out: str, sig: int, when, extra=(), direct: bool = False) -> tuple[subprocess.CompletedProcess, bool]:
@@ -114,10 +127,11 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_same_adapter(tmp_path, referen
     assert p.returncode == 75, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
     assert "rerun the same command" in p.stderr
-    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    ckpts = _checkpoints(tmp_path / "run")
     stopped = int(ckpts[-1].name.split("-")[1])
     assert n <= stopped < STEPS
     assert all((c / "trainer_state.json").is_file() for c in ckpts)  # a signal never leaves a partial one
+    assert _staged(tmp_path / "run") == []  # the save in progress was finished and renamed
     assert not (tmp_path / "run" / "adapter").exists()  # no final adapter from a stopped run
 
     again = run(tmp_path, *extra, "--out", "run")  # the same command, as a cloud script would rerun it
@@ -146,17 +160,27 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, reference, poin
         "final-step": (lambda d: _logged(d / "train.log", STEPS), None),
     }
     when, expect_from = conds[point]
+    run_dir = tmp_path / "run"
     for _attempt in range(3):
-        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         planned = run(tmp_path, *extra, "--out", "run", "--dry-run")
         assert planned.returncode == 0, planned.stderr
         p, hit = interrupt(tmp_path, "run", signal.SIGKILL, when, direct=True)
+        # Wherever the kill lands, every checkpoint-N is complete.
+        assert all((c / "trainer_state.json").is_file() for c in _checkpoints(run_dir)), _checkpoints(run_dir)
+        if point == "saving-8" and hit and not _staged(run_dir):
+            hit = False  # the save finished between the poll and the kill: try again
         if hit:
             break
     assert hit, "never caught the run at the chosen point"
     assert p.returncode == -signal.SIGKILL
+    if point == "saving-8":
+        # Killed mid-save: only the staging directory holds step 8, checkpoint-4 is kept.
+        assert _staged(run_dir) == [".tmp-checkpoint-8"]
+        assert [c.name for c in _checkpoints(run_dir)] == ["checkpoint-4"]
     again = run(tmp_path, *extra, "--out", "run")
     assert again.returncode == 0, again.stdout + again.stderr
+    assert _staged(run_dir) == []  # the rerun removed the cut-short save
     if expect_from == 0:
         assert "no checkpoint yet: starting from step 0" in again.stdout
     elif expect_from is not None:
