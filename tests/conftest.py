@@ -157,3 +157,23 @@ def describe_changes(before: dict, after: dict) -> list[str]:
     out += [f"created: {k}" for k in after if k not in before]
     out += [f"changed: {k}" for k in before if k in after and before[k] != after[k]]
     return out
+
+
+_DISK_USAGE = shutil.disk_usage
+
+
+def small_disk(monkeypatch, root: Path, free: int) -> list[Path]:
+    """shutil.disk_usage reports `free` bytes for paths under `root` (the rest of the machine
+    as it is); returns the list of paths it was asked about there."""
+    root = root.resolve()
+    asked: list[Path] = []
+
+    def fake(path):
+        p = Path(path).resolve()
+        if p == root or root in p.parents:
+            asked.append(p)
+            return _DISK_USAGE(path)._replace(free=free)
+        return _DISK_USAGE(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", fake)
+    return asked

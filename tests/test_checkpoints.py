@@ -1,11 +1,14 @@
-"""Checkpoints are written under a temporary name and renamed into place, in process and fast:
-the trainer vramfit uses (TokenCountingTrainer) on a two-layer model built from a config."""
+"""Checkpoints, in process and fast: they are written under a temporary name and renamed
+into place (the trainer vramfit uses, TokenCountingTrainer, on a two-layer model built from a
+config), and training refuses to start when the disk cannot hold them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+from conftest import small_disk
 
 STEPS = 6
 
@@ -119,3 +122,64 @@ def test_torn_checkpoint_from_an_earlier_run_is_replaced(tmp_path):
     assert listing(tmp_path) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
     assert trainer_state(torn)["global_step"] == 2
     assert (torn / "optimizer.pt").read_bytes() != b"torn"
+
+
+# ---------------------------------------------------------------- free disk for checkpoints
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_disk_check_counts_trainable_weights_adam_state_and_kept_checkpoints(tmp_path, monkeypatch, limit):
+    import torch
+
+    from vramfit.config import RunConfig
+    from vramfit.errors import VramfitError
+    from vramfit.train import check_disk_for_checkpoints
+
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(10, 10))
+    model[0].requires_grad_(False)  # 1M frozen weights: not in any checkpoint
+    weights = 110 * 4  # the trainable fp32 weights
+    # save_total_limit kept + 1 being written, each weights + two fp32 Adam moments; + the final output.
+    need = (weights + 110 * 8) * (limit + 1) + weights
+    cfg = RunConfig.model_validate({"train": {"save_total_limit": limit}})
+
+    small_disk(monkeypatch, tmp_path, free=need - 1)
+    with pytest.raises(VramfitError) as e:
+        check_disk_for_checkpoints(tmp_path, model, cfg)
+    assert f"{tmp_path} has 0.0 GiB free; checkpoints need ~0.0 GiB" in e.value.one_line()
+    assert "lower train.save_total_limit" in e.value.hint
+    asked = small_disk(monkeypatch, tmp_path, free=need)
+    check_disk_for_checkpoints(tmp_path, model, cfg)
+    assert asked == [tmp_path.resolve()]
+
+
+def test_trainer_without_disk_for_checkpoints_refuses_before_writing_any(tmp_path, monkeypatch, capsys, no_gpu):
+    """The training process itself (`python -m vramfit.train RUN_DIR`, in process): one error line,
+    exit 1, before any step: no checkpoint, adapter or metrics written."""
+    import signal
+
+    from typer.testing import CliRunner
+
+    from vramfit import train
+    from vramfit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["train", "--dry-run", "--out", "run", "--set", "train.max_steps=2"])
+    assert r.exit_code == 0, r.output
+    run_dir = tmp_path / "run"
+    asked = small_disk(monkeypatch, run_dir, free=0)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what the trainer sets on CPU; undone after the test
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    capsys.readouterr()
+    try:
+        code = train.main([str(run_dir)])
+    finally:
+        for s, h in handlers.items():  # the trainer installs its preemption handlers
+            signal.signal(s, h)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert asked == [run_dir.resolve()]
+    errs = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errs) == 1 and "Traceback" not in err, err
+    assert f"{run_dir} has 0.0 GiB free; checkpoints need ~" in errs[0] and "(hint: free disk space" in errs[0]
+    assert list((run_dir / "checkpoints").iterdir()) == []  # (the Trainer makes the empty dir)
+    assert not (run_dir / "adapter").exists() and not (run_dir / "metrics.json").exists()
