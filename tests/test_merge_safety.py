@@ -1,8 +1,10 @@
-"""`vramfit merge` when things go wrong: not enough disk. In process (typer's CliRunner), on a
-copy of the session's 2-step trained run, with the failure injected by monkeypatching."""
+"""`vramfit merge` when things go wrong: not enough disk, and a --force replace that fails
+after the old output was moved aside. In process (typer's CliRunner), on a copy of the
+session's 2-step trained run, with the failure injected by monkeypatching."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -79,3 +81,43 @@ def test_merge_disk_check_asks_for_the_16bit_model(work, monkeypatch):
     small_disk(monkeypatch, work / "disk", free=int(need) + 1)
     assert merge_run(work / "run", work / "disk" / "merged").out == work / "disk" / "merged"
     assert (work / "disk" / "merged" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- --force
+
+
+@pytest.mark.parametrize("failure", [OSError(18, "Invalid cross-device link"), KeyboardInterrupt()], ids=["OSError", "Ctrl-C"])
+def test_force_merge_failing_after_old_output_moved_aside_puts_it_back(work, monkeypatch, failure):
+    first = merge("run")
+    assert first.exit_code == 0, first.output
+    out = work / "run" / "merged"
+    (out / "marker.txt").write_text("the old output")  # so the old one cannot pass for a new one
+    before = snapshot(work)
+
+    real = os.rename
+    renames: list[tuple[str, str]] = []  # merge.py's own renames, by name
+
+    def rename(src, dst, *a, **kw):
+        names = (Path(src).name, Path(dst).name)
+        if any(n == "merged" or n.startswith(".merged.") for n in names):
+            renames.append(names)
+        if Path(src).name.startswith(".merged.tmp-") and Path(dst) == out:
+            # The new model is saved and verified, and the old output was moved aside.
+            assert not out.exists()
+            raise failure
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    r = merge("run", "--force")
+
+    aside, swap, back = renames
+    assert aside[0] == "merged" and aside[1].startswith(".merged.old-"), renames
+    assert swap[0].startswith(".merged.tmp-") and swap[1] == "merged", renames
+    assert back == (aside[1], "merged"), renames
+    if isinstance(failure, KeyboardInterrupt):
+        assert r.exit_code == 130 and "interrupted" in r.stderr, r.output
+    else:
+        assert r.exit_code == 1, r.output
+        assert "Invalid cross-device link" in one_error_line(r)
+    # The old output is back under its name, byte for byte; no .merged.old-*/.merged.tmp-* left.
+    assert describe_changes(before, snapshot(work)) == []

@@ -151,13 +151,13 @@ def merge_run(run_dir: Path, out: Path | None = None, force: bool = False) -> Me
         tokenizer.save_pretrained(tmp)
         # An interrupted merge leaves only dot-named temporaries; a replaced output
         # is moved aside first and deleted only once the new one is in place.
-        if out.exists():
-            os.rename(out, old)
         try:
+            if out.exists():
+                os.rename(out, old)
             os.rename(tmp, out)
-        except OSError:
+        except BaseException:  # a failed rename, and a Ctrl-C between the two, too
             if old.exists() and not out.exists():
-                os.rename(old, out)
+                os.rename(old, out)  # the old output back under its name
             raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
