@@ -231,3 +231,91 @@ def test_second_concurrent_trainer_is_refused(tmp_path):
         assert not (tmp_path / "run" / "checkpoints").exists()
     finally:
         held.close()
+
+
+# Two ranks (torch.distributed over gloo, on CPU), started as torchrun starts them: the same
+# command with RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* set. Not through launch.sh: on a machine
+# without GPUs `accelerate launch --num_processes 2` starts one process, and torchrun itself
+# exits 1 (not 75) once a worker exits non-zero, so only the ranks' own exit codes say "75".
+MR_STEPS = 12
+
+
+def _start_ranks(run_dir: Path, *extra: str, port: int) -> list[tuple[subprocess.Popen, Path]]:
+    """Both ranks, each writing its stdout+stderr to a file (a full pipe would stall a rank,
+    and with it the other in a collective)."""
+    import sys
+
+    ranks = []
+    for rank in (0, 1):
+        env = subprocess_env() | {
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        log = run_dir.parent / f"{run_dir.name}-rank{rank}-{port}.out"
+        with open(log, "w") as f:
+            argv = [sys.executable, "-m", "vramfit.train", str(run_dir), *extra]
+            ranks.append((subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+    return ranks
+
+
+def _finish(ranks: list[tuple[subprocess.Popen, Path]], timeout: float = 120) -> list[tuple[int, str]]:
+    """(exit code, output) of each rank. Once one fails the other would wait in a collective
+    for gloo's 30-minute timeout: then, or after `timeout`, the rest are killed."""
+    procs = [p for p, _ in ranks]
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0, 75) for p in procs):
+            break
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    return [(p.returncode, log.read_text()) for p, log in ranks]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resumes(tmp_path):
+    from vramfit.model_source import embedded_model_dir
+
+    embedded_model_dir()  # built now: two ranks building it at once would race
+    two = ["--set", "launch.gpus=2", "--set", f"train.max_steps={MR_STEPS}"]
+    for name in ("ref", "run"):
+        p = run(tmp_path, *two, "--out", name, "--dry-run")
+        assert p.returncode == 0, p.stdout + p.stderr
+
+    ref = _finish(_start_ranks(tmp_path / "ref", port=_free_port()))
+    assert [rc for rc, _ in ref] == [0, 0], ref
+    reference = adapter(tmp_path / "ref")
+
+    run_dir = tmp_path / "run"
+    ranks = _start_ranks(run_dir, port=_free_port())
+    assert _wait_for(_logged(run_dir / "train.log", 3), ranks[0][0]), "never reached step 3"
+    ranks[1][0].send_signal(signal.SIGTERM)  # rank 1 only: it neither logs nor renames checkpoints
+    (rc0, out0), (rc1, out1) = _finish(ranks)
+    assert (rc0, rc1) == (75, 75), out0 + out1
+    assert "Traceback" not in out0 + out1
+    m0 = re.search(r"training stopped by a signal to another rank at step (\d+); checkpoint saved", out0)
+    m1 = re.search(r"training stopped by signal 15 at step (\d+); checkpoint saved", out1)
+    assert m0 and m1, out0 + out1
+    stopped = int(m0.group(1))
+    assert int(m1.group(1)) == stopped and 3 <= stopped < MR_STEPS  # the all-reduced flag: the same step
+    # One complete checkpoint at that step, with both ranks' RNG state; nothing staged left.
+    ckpts = _checkpoints(run_dir)
+    assert [c.name for c in ckpts] == [f"checkpoint-{stopped}"] and _staged(run_dir) == []
+    names = {p.name for p in ckpts[0].iterdir()}
+    assert {"trainer_state.json", "rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= names
+    assert not (run_dir / "adapter").exists()
+
+    resumed = _finish(_start_ranks(run_dir, "--resume", port=_free_port()))
+    assert [rc for rc, _ in resumed] == [0, 0], resumed
+    out = resumed[0][1]
+    assert f"resuming from {ckpts[0]}" in out and f"step {MR_STEPS}/{MR_STEPS}" in out, out
+    assert_same_adapter(run_dir, reference)

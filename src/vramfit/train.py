@@ -102,6 +102,9 @@ class StagedCheckpointTrainer(Trainer):
             # Rotate only now that the new checkpoint is complete, so the last good one
             # is never deleted for it. Newest by mtime, as the Trainer itself rotates.
             rotate_checkpoints(str(checkpoints), self.args.save_total_limit, use_mtime=True)
+        # No rank returns before checkpoint-N is in place: after a preemption save the
+        # others exit at once, and a launcher (torchrun) then stops the rest with SIGTERM.
+        self.accelerator.wait_for_everyone()
 
 
 class TokenCountingTrainer(StagedCheckpointTrainer):
@@ -372,8 +375,9 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     if preemption.stopped_at is not None and not is_final(trainer.state.global_step, trainer.state.max_steps):
         log(f"preempted: checkpoint saved at step {preemption.stopped_at}")
+        by = f"signal {preemption.requested}" if preemption.requested is not None else "a signal to another rank"
         raise Preempted(
-            f"training stopped by signal {preemption.requested} at step {preemption.stopped_at}; checkpoint saved",
+            f"training stopped by {by} at step {preemption.stopped_at}; checkpoint saved",
             f"rerun the same command, or `vramfit train --resume --out {run_dir}`, to continue",
         )
     final = save_final(trainer, tokenizer, run_dir, final_name)
