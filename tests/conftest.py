@@ -6,6 +6,8 @@ import atexit
 import json
 import os
 import shutil
+import stat
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -118,3 +120,60 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """The embedded model trained for 2 steps, once per session; tests copy it, never change it."""
+    cwd = tmp_path_factory.mktemp("trained")
+    run = cwd / "run"
+    proc = subprocess.run(
+        [vramfit_exe(), "train", "--preset", "cpu", "--out", str(run), "--set", "train.max_steps=2"],
+        cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    return run
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under root: relative path -> (kind, bytes or link target, permission bits)."""
+    snap: dict[str, tuple] = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        rel = p.relative_to(root).as_posix()
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISLNK(st.st_mode):
+            snap[rel] = ("link", os.readlink(p), mode)
+        elif stat.S_ISDIR(st.st_mode):
+            snap[rel] = ("dir", None, mode)
+        else:
+            snap[rel] = ("file", p.read_bytes(), mode)
+    return snap
+
+
+def describe_changes(before: dict, after: dict) -> list[str]:
+    out = [f"deleted: {k}" for k in before if k not in after]
+    out += [f"created: {k}" for k in after if k not in before]
+    out += [f"changed: {k}" for k in before if k in after and before[k] != after[k]]
+    return out
+
+
+_DISK_USAGE = shutil.disk_usage
+
+
+def small_disk(monkeypatch, root: Path, free: int) -> list[Path]:
+    """shutil.disk_usage reports `free` bytes for paths under `root` (the rest of the machine
+    as it is); returns the list of paths it was asked about there."""
+    root = root.resolve()
+    asked: list[Path] = []
+
+    def fake(path):
+        p = Path(path).resolve()
+        if p == root or root in p.parents:
+            asked.append(p)
+            return _DISK_USAGE(path)._replace(free=free)
+        return _DISK_USAGE(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", fake)
+    return asked

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Callable
 import pytest
 from typer.testing import CliRunner
 
-from conftest import QWEN7B_CONFIG, subprocess_env, vramfit_exe
+from conftest import QWEN7B_CONFIG, describe_changes, snapshot, subprocess_env, vramfit_exe
 from vramfit.cli import app
 
 pytestmark = pytest.mark.usefixtures("no_gpu")
@@ -321,47 +320,7 @@ CASES: list[Case] = [
 assert len({c.id for c in CASES}) == len(CASES), "duplicate case ids"
 
 
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """The embedded model trained for 2 steps, once per module; cases copy it."""
-    cwd = tmp_path_factory.mktemp("bad_inputs_trained")
-    run = cwd / "run"
-    proc = subprocess.run(
-        [vramfit_exe(), "train", "--preset", "cpu", "--out", str(run), "--set", "train.max_steps=2"],
-        cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    return run
-
-
 # ---------------------------------------------------------------- the checks
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under root: relative path -> (kind, bytes or link target, permission bits)."""
-    snap: dict[str, tuple] = {}
-    for p in sorted(root.rglob("*")):
-        st = p.lstat()
-        rel = p.relative_to(root).as_posix()
-        mode = stat.S_IMODE(st.st_mode)
-        if stat.S_ISLNK(st.st_mode):
-            snap[rel] = ("link", os.readlink(p), mode)
-        elif stat.S_ISDIR(st.st_mode):
-            snap[rel] = ("dir", None, mode)
-        else:
-            snap[rel] = ("file", p.read_bytes(), mode)
-    return snap
-
-
-def describe_changes(before: dict, after: dict) -> list[str]:
-    out = [f"deleted: {k}" for k in before if k not in after]
-    out += [f"created: {k}" for k in after if k not in before]
-    out += [f"changed: {k}" for k in before if k in after and before[k] != after[k]]
-    return out
 
 
 def run_case(case: Case, args: list[str], cwd: Path) -> tuple[int, str, str]:

@@ -133,7 +133,10 @@ def merge_run(run_dir: Path, out: Path | None = None, force: bool = False) -> Me
         )
     merged = merged.to(getattr(torch, dtype_name))
     need = sum(p.numel() for p in merged.parameters()) * 2 * 1.05  # 16-bit shards + index/tokenizer
-    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    disk = out.parent
+    while not disk.exists():  # --out in directories not made yet: the disk they will be on
+        disk = disk.parent
+    free = shutil.disk_usage(disk).free
     if free < need:
         raise VramfitError(
             f"{out.parent} has {free / 2**30:.1f} GiB free; the merged model needs ~{need / 2**30:.1f} GiB",
@@ -148,13 +151,13 @@ def merge_run(run_dir: Path, out: Path | None = None, force: bool = False) -> Me
         tokenizer.save_pretrained(tmp)
         # An interrupted merge leaves only dot-named temporaries; a replaced output
         # is moved aside first and deleted only once the new one is in place.
-        if out.exists():
-            os.rename(out, old)
         try:
+            if out.exists():
+                os.rename(out, old)
             os.rename(tmp, out)
-        except OSError:
+        except BaseException:  # a failed rename, and a Ctrl-C between the two, too
             if old.exists() and not out.exists():
-                os.rename(old, out)
+                os.rename(old, out)  # the old output back under its name
             raise
         shutil.rmtree(old, ignore_errors=True)
     finally:

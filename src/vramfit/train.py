@@ -32,6 +32,7 @@ if not os.environ.get("VRAMFIT_DEBUG"):
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints  # noqa: E402
 
 from .config import RunConfig
 from .errors import Preempted, RunLocked, VramfitError
@@ -59,7 +60,54 @@ class Log:
         self.file.flush()
 
 
-class TokenCountingTrainer(Trainer):
+class StagedCheckpointTrainer(Trainer):
+    """Writes each checkpoint as checkpoints/.tmp-checkpoint-N/checkpoint-N, then renames
+    it to checkpoints/checkpoint-N once every file is written.
+
+    A save killed midway (SIGKILL, a crash, a full disk) then leaves only a dot-named
+    staging directory, which resume, rotation and the HF Trainer's own checkpoint
+    globs (``checkpoint-*``) all ignore; the next run deletes it. A ``checkpoint-N``
+    is always complete. (The trainer_state.json check in ``last_checkpoint`` stays as
+    a second guard, for checkpoints written before this.) HF's best-checkpoint
+    bookkeeping, which looks in the run dir mid-save, is unused: vramfit sets no
+    metric_for_best_model.
+    """
+
+    _staging: Path | None = None  # set only while a checkpoint is being written
+
+    def _get_output_dir(self, trial) -> str:
+        # The Trainer saves into _get_output_dir(trial)/checkpoint-N: while saving,
+        # point that at the staging directory.
+        return str(self._staging) if self._staging else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        checkpoints = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = checkpoints / f".tmp-{name}"
+        try:
+            # Every rank writes its part (weights, its RNG state, ZeRO shards). The
+            # Trainer's rotation runs in there too and finds nothing to delete.
+            super()._save_checkpoint(model, trial)
+        finally:
+            staging, self._staging = self._staging, None
+        self.accelerator.wait_for_everyone()  # no rank is still writing into staging
+        if self.args.should_save:  # the one process that writes trainer_state.json
+            final = checkpoints / name
+            # A checkpoint-N can already be there only from an earlier run in this
+            # directory (restarted from step 0 without --resume, or torn before saves
+            # were staged); os.rename does not replace a non-empty directory.
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(staging / name, final)
+            staging.rmdir()
+            # Rotate only now that the new checkpoint is complete, so the last good one
+            # is never deleted for it. Newest by mtime, as the Trainer itself rotates.
+            rotate_checkpoints(str(checkpoints), self.args.save_total_limit, use_mtime=True)
+        # No rank returns before checkpoint-N is in place: after a preemption save the
+        # others exit at once, and a launcher (torchrun) then stops the rest with SIGTERM.
+        self.accelerator.wait_for_everyone()
+
+
+class TokenCountingTrainer(StagedCheckpointTrainer):
     """Counts real (non-padding) tokens, for tokens/s that compare across batch shapes."""
 
     tokens_seen = 0
@@ -188,10 +236,19 @@ def trainer_state(checkpoint: Path) -> dict[str, Any] | None:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint; partial ones (killed mid-save) are skipped."""
+    """The newest complete checkpoint; partial ones (killed mid-save) are skipped.
+
+    A save in progress is a ``.tmp-checkpoint-N`` directory, which the glob skips.
+    """
     ckpts = [p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     ckpts = [p for p in ckpts if trainer_state(p) is not None]
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def remove_stale_staging(run_dir: Path) -> None:
+    """Delete ``.tmp-checkpoint-N`` dirs: saves that a kill cut short, never complete."""
+    for p in (run_dir / CHECKPOINTS).glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def is_final(global_step: int, max_steps: int) -> bool:
@@ -288,7 +345,11 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         preemption.requested = _EARLY_SIGNALS[0]
     cfg = RunConfig.model_validate(doc["config"])
     rank0 = int(os.environ.get("RANK", 0)) == 0
-    lock = lock_run_dir(run_dir) if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None  # noqa: F841 (held until exit)
+    lock = None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        lock = lock_run_dir(run_dir)  # noqa: F841 (held until exit)
+        # Under the lock, so no live trainer's save is in there; before any rank's first save.
+        remove_stale_staging(run_dir)
     log = Log(run_dir, rank0)
     monitor = MemoryMonitor(doc["device"] == "cuda")
     if doc["device"] == "cuda":
@@ -351,8 +412,9 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     if preemption.stopped_at is not None and not is_final(trainer.state.global_step, trainer.state.max_steps):
         log(f"preempted: checkpoint saved at step {preemption.stopped_at}")
+        by = f"signal {preemption.requested}" if preemption.requested is not None else "a signal to another rank"
         raise Preempted(
-            f"training stopped by signal {preemption.requested} at step {preemption.stopped_at}; checkpoint saved",
+            f"training stopped by {by} at step {preemption.stopped_at}; checkpoint saved",
             f"rerun the same command, or `vramfit train --resume --out {run_dir}`, to continue",
         )
     final = save_final(trainer, tokenizer, run_dir, final_name)
