@@ -330,6 +330,10 @@ def train(
     price: Optional[float] = PriceOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and write the run directory only."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    probe: bool = typer.Option(
+        False, "--probe", help="Train a few steps on the longest examples under the budget, report measured vs predicted, keep nothing."
+    ),
+    probe_steps: int = typer.Option(4, "--probe-steps", help="Optimizer steps --probe trains."),
 ) -> None:
     """Plan, write the run directory, and train."""
     from .launch import execute
@@ -347,10 +351,17 @@ def train(
         p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code, price)
         require_fit(p)
         target = (out or _default_out(p)).expanduser().resolve()
+        if probe:
+            _probe(p, target, probe_steps)
+            return
         if (target / PLAN_FILE).is_file():
             # The same command again continues the run (a preempted machine's script
             # just reruns itself); a different plan never overwrites it.
             diffs = plan_differences(read_plan(target), p)
+            from .oom import oom_events
+
+            if oom_events(target):  # the batch split an OOM recovery changed is still this run
+                diffs = [d for d in diffs if d not in ("train.micro_batch", "train.grad_accum")]
             if diffs:
                 raise UsageError(
                     f"{target} holds a different run (differs in {', '.join(diffs[:4])})",
@@ -367,6 +378,23 @@ def train(
             return
     code = execute(run_dir / "launch.sh", ["--resume"] if resume else [])
     from .errors import Preempted, RunLocked
+    from .oom import OOM_EXIT, adjust_after_oom
+
+    while code == OOM_EXIT:
+        # Half the micro-batch, twice the accumulation, from the last checkpoint (bounded retries).
+        e = adjust_after_oom(run_dir)
+        off = (
+            f"; the plan predicted {e['predicted_peak_gib']:.2f} GiB, the run needed at least {e['needed_at_least_gib']:.2f}"
+            f" ({e['under_prediction_pct']:+.1f}%)"
+            if e.get("needed_at_least_gib") and e.get("predicted_peak_gib")
+            else ""
+        )
+        typer.echo(
+            f"out of memory at step {e['step']}{off}: resuming from the last checkpoint with micro-batch "
+            f"{e['micro_batch'][1]} x accumulation {e['grad_accum'][1]} (recorded in {run_dir / 'events.jsonl'})",
+            err=True,
+        )
+        code = execute(run_dir / "launch.sh", ["--resume"])
 
     if code == Preempted.exit_code:
         saved = any((run_dir / "checkpoints").glob("checkpoint-*"))
@@ -394,7 +422,63 @@ def train(
     typer.echo(f"next: vramfit merge {run_dir}")
 
 
-def _report_prediction(m: dict) -> None:
+def _probe(plan, target: Path, steps: int) -> None:
+    """Train ``steps`` optimizer steps of ``plan`` in a scratch run directory beside
+    ``target``, longest examples first (so the few steps meet the plan's peak), then
+    report measured against predicted and delete the scratch directory."""
+    import dataclasses
+    import os
+    import shutil
+    import tempfile
+
+    from .errors import FitError
+    from .launch import execute
+    from .oom import OOM_EXIT
+    from .render import METRICS, write_run_dir
+    from .speed import estimate_speed
+
+    if steps < 1:
+        raise UsageError(f"--probe-steps must be at least 1, got {steps}", "e.g. --probe-steps 4")
+    c = plan.config
+    cfg = c.model_copy(update={"train": c.train.model_copy(update={"max_steps": steps, "save_steps": steps + 10**6})})
+    probe_plan = dataclasses.replace(plan, config=cfg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".vramfit-probe-", dir=target.parent))
+    old = os.environ.get("VRAMFIT_LONGEST_FIRST")
+    os.environ["VRAMFIT_LONGEST_FIRST"] = "1"
+    try:
+        run_dir = write_run_dir(probe_plan, scratch / "run")
+        _print_plan(plan, verbose=False)
+        typer.echo(f"probe: {steps} steps on the longest examples under the plan's budget (nothing is kept)")
+        code = execute(run_dir / "launch.sh", [])
+        m = json.loads((run_dir / METRICS).read_text()) if (run_dir / METRICS).is_file() else {}
+    finally:
+        if old is None:
+            os.environ.pop("VRAMFIT_LONGEST_FIRST", None)
+        else:
+            os.environ["VRAMFIT_LONGEST_FIRST"] = old
+        shutil.rmtree(scratch, ignore_errors=True)
+    if code == OOM_EXIT:
+        raise FitError(
+            f"the probe ran out of memory under {plan.budget_gib:g} GiB (predicted {plan.breakdown.peak_gib:.2f} GiB)",
+            "lower train.micro_batch or data.seq_len, or raise --budget; the memory model missed this plan",
+        )
+    if code != 0:
+        from .errors import TrainingFailed
+
+        raise TrainingFailed(f"the probe's training exited with code {code}", "see the error above")
+    # The probe's batches are the longest examples: compare with full-length batches.
+    longest = min(c.data.seq_len, plan.lengths.longest) if plan.lengths else c.data.seq_len
+    full = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": longest})})
+    rate = estimate_speed(plan.shape, full, None, plan.hardware.gpus[0].name).tokens_per_s if plan.device == "cuda" else None
+    _report_prediction({**m, "predicted_tokens_per_s": rate}, prefix="probe: ")
+    peak = m.get("peak_process_gib")
+    if peak and plan.budget_gib and peak > plan.budget_gib:
+        raise FitError(f"the probe's peak {peak:.2f} GiB is over the {plan.budget_gib:g} GiB budget", "lower train.micro_batch or data.seq_len")
+    typer.echo(f"probe passed: start the run with the same command without --probe (run directory {target})")
+
+
+def _report_prediction(m: dict, prefix: str = "prediction: ") -> None:
     """Predicted against measured, once a GPU run finishes."""
     pred_peak, peak = m.get("predicted_peak_gib"), m.get("peak_process_gib")
     pred_rate, rate = m.get("predicted_tokens_per_s"), m.get("steady_tokens_per_s")
@@ -404,7 +488,7 @@ def _report_prediction(m: dict) -> None:
     if pred_rate and rate:
         parts.append(f"{rate:,.0f} tokens/s measured vs {pred_rate:,.0f} predicted ({100 * (pred_rate - rate) / rate:+.0f}%)")
     if parts:
-        typer.echo("prediction: " + "; ".join(parts))
+        typer.echo(prefix + "; ".join(parts))
 
 
 # ------------------------------------------------------------------ merge

@@ -107,12 +107,28 @@ class StagedCheckpointTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+# Where the training process is, for the record an OOM leaves (oom.json).
+_PROGRESS: dict[str, Any] = {}
+
+
 class TokenCountingTrainer(StagedCheckpointTrainer):
     """Counts real (non-padding) tokens, for tokens/s that compare across batch shapes."""
 
     tokens_seen = 0
+    longest_first = False
+
+    def _get_train_sampler(self, train_dataset=None):
+        # `vramfit train --probe` meets the peak in its few steps: longest examples first, in order.
+        if self.longest_first:
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
 
     def training_step(self, model, inputs, *args, **kwargs):
+        _PROGRESS["step"] = self.state.global_step
+        fault = os.environ.get("VRAMFIT_FAULT_OOM_ABOVE_MICRO_BATCH")
+        if fault and self.state.global_step >= 1 and inputs["input_ids"].shape[0] > int(fault):
+            # Fault injection for tests of OOM recovery on machines without a GPU.
+            raise torch.OutOfMemoryError("CUDA out of memory (injected). Tried to allocate 1.00 GiB")
         mask = inputs.get("attention_mask")
         if mask is not None:
             self.tokens_seen += int(mask.sum())
@@ -362,6 +378,10 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     tokenizer = load_tokenizer(doc["model_path"], cfg.model.trust_remote_code)
     data_cfg = cfg.data.model_copy(update={"path": doc.get("data_path")})
     train_ds, val_ds, stats, fmt = build_datasets(data_cfg, tokenizer, cfg.train.seed)
+    longest_first = bool(os.environ.get("VRAMFIT_LONGEST_FIRST"))
+    if longest_first:
+        lengths = [len(x) for x in train_ds["input_ids"]]
+        train_ds = train_ds.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
     s = stats.to_dict()
     log(
         f"data: {s['n_examples']} examples ({fmt}), {stats.truncated_share:.1%} truncated at {cfg.data.seq_len} tokens,"
@@ -386,6 +406,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         data_collator=Collator(tokenizer),
         callbacks=[progress],
     )
+    trainer.longest_first = longest_first
     trainer_ref.append(trainer)
     from transformers.trainer_callback import PrinterCallback
 
@@ -455,17 +476,35 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e.one_line()}", file=sys.stderr)
         return e.exit_code
-    except torch.cuda.OutOfMemoryError as e:
+    except torch.OutOfMemoryError as e:
         if os.environ.get("VRAMFIT_DEBUG"):
             raise
-        first = str(e).split(".")[0]
-        print(
-            f"error: CUDA out of memory ({first}) (hint: plan again with a smaller data.seq_len or "
-            f"train.micro_batch and a new --out; checkpoints in {a.run_dir} are kept)",
-            file=sys.stderr,
-        )
-        return 5
+        from .oom import OOM_EXIT, OOM_FILE
+
+        needed = _needed_at_oom(str(e))
+        record = {"step": _PROGRESS.get("step"), "needed_gib": needed, "message": str(e).split(".")[0]}
+        if int(os.environ.get("RANK", 0)) == 0:
+            tmp = a.run_dir / f".{OOM_FILE}.tmp"
+            tmp.write_text(json.dumps(record) + "\n")
+            os.replace(tmp, a.run_dir / OOM_FILE)
+        # Not an "error:" line: the launcher decides whether this ends the run (see oom.py).
+        print(f"oom: CUDA out of memory at step {record['step']} ({record['message']})", file=sys.stderr)
+        return OOM_EXIT
     return 0
+
+
+def _needed_at_oom(message: str) -> float | None:
+    """GiB the process needed at least: what it held (allocator + outside it) plus the
+    allocation that failed, as PyTorch's message states it."""
+    import re
+
+    from .memory import CUDA_CONTEXT_GIB
+
+    m = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB)", message)
+    asked = float(m.group(1)) / {"GiB": 1, "MiB": 1024, "KiB": 1024**2}[m.group(2)] if m else 0.0
+    if not torch.cuda.is_available():
+        return None  # an injected fault: nothing was measured
+    return round(torch.cuda.memory_reserved() / GIB + CUDA_CONTEXT_GIB + asked, 3)
 
 
 if __name__ == "__main__":
