@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
-"""docs/benchmarks/autofit.md and autofit.csv from the raw lines scripts/prove_autofit.py wrote.
+"""docs/benchmarks/autofit.csv and the tables of docs/benchmarks/autofit.md from the raw
+lines scripts/prove_autofit.py wrote (docs/benchmarks/autofit/autofit.jsonl).
 
-    python scripts/collect_autofit.py   # reads docs/benchmarks/autofit/autofit.jsonl
+Each row shows what the plan predicted when it ran, and what this checkout's memory
+and speed models predict for the same configuration and data (the proof's dataset is
+regenerated deterministically for its length statistics). Rows whose speed the
+current speed constants were fitted on are marked: the others are out of sample.
+
+    python scripts/collect_autofit.py
 """
 
 from __future__ import annotations
@@ -13,14 +19,54 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 FIELDS = ("arch,budget_gib,method,seq_len,micro_batch,grad_accum,grad_ckpt,optimizer,predicted_gib,measured_gib,"
-          "mem_error_pct,under_budget,predicted_tokens_per_s,measured_tokens_per_s,speed_error_pct,steps,exit,gpu,command").split(",")
+          "mem_error_pct,under_budget,predicted_tokens_per_s,measured_tokens_per_s,speed_error_pct,"
+          "now_predicted_gib,now_mem_error_pct,now_predicted_tokens_per_s,now_speed_error_pct,speed_fit_row,"
+          "steps,exit,gpu,command").split(",")
+# The rows speed.py's constants were fitted on (the first 14 runs, in file order).
+SPEED_FIT_ROWS = 14
+
+
+def proof_lengths():
+    """The length statistics every proof plan saw: same generator, seed and tokenizer."""
+    import subprocess
+    import tempfile
+
+    from vramfit.data import load_records, tokenize_records
+    from vramfit.embedded import byte_tokenizer
+    from vramfit.speed import LengthStats
+
+    with tempfile.TemporaryDirectory() as d:
+        data = Path(d) / "spread.jsonl"
+        subprocess.run([sys.executable, str(ROOT / "scripts/make_embedded_dataset.py"), "--n", "2000", "--min-chars", "100",
+                        "--max-chars", "500", "--out", str(data)], check=True, capture_output=True)  # fmt: skip
+        records, _ = load_records(str(data))
+    examples, _ = tokenize_records(records, byte_tokenizer(), 10**9, True)
+    return LengthStats(tuple(len(e["input_ids"]) for e in examples))
+
+
+def predict_now(r: dict, lengths) -> tuple[float, float]:
+    from vramfit.config import RunConfig
+    from vramfit.memory import estimate
+    from vramfit.model_shape import load_shape
+    from vramfit.speed import estimate_speed
+
+    c = r["config"]
+    cfg = RunConfig.model_validate({
+        "method": r["plan"]["method"], "budget_gib": r["budget_gib"], "data": {"seq_len": c["seq_len"]},
+        "train": {k: c[k] for k in ("micro_batch", "grad_accum", "grad_ckpt", "optimizer")},
+    })  # fmt: skip
+    shape = load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
+    return estimate(shape, cfg, "bfloat16", "cuda", lengths.longest).peak_gib, estimate_speed(shape, cfg, lengths, r["gpu"]).tokens_per_s
 
 
 def table(raw: Path) -> list[dict]:
     out = []
-    for line in raw.read_text().splitlines():
+    lengths = proof_lengths()
+    for i, line in enumerate(raw.read_text().splitlines()):
         r = json.loads(line)
+        now_peak, now_rate = predict_now(r, lengths)
         m, c, p = r["metrics"], r["config"], r["plan"]
         meas, pred = m.get("peak_process_gib"), p.get("predicted_peak_gib")
         rate, prate = m.get("steady_tokens_per_s"), p.get("predicted_tokens_per_s")
@@ -31,6 +77,9 @@ def table(raw: Path) -> list[dict]:
             "under_budget": bool(meas and meas <= r["budget_gib"]),
             "predicted_tokens_per_s": prate, "measured_tokens_per_s": rate,
             "speed_error_pct": round(100 * (prate - rate) / rate, 1) if rate and prate else None,
+            "now_predicted_gib": round(now_peak, 3), "now_mem_error_pct": round(100 * (now_peak - meas) / meas, 1),
+            "now_predicted_tokens_per_s": round(now_rate, 1), "now_speed_error_pct": round(100 * (now_rate - rate) / rate, 1),
+            "speed_fit_row": i < SPEED_FIT_ROWS,
             "steps": m.get("steps"), "exit": r["exit"], "gpu": r["gpu"], "command": r["command"],
         })  # fmt: skip
     return out
@@ -42,18 +91,29 @@ def main() -> int:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    print("| model | budget | plan (method, seq, mb x GA, ckpt) | predicted peak | measured peak | error | predicted tok/s | measured tok/s | error |")
+    rows.sort(key=lambda r: (r["arch"], r["budget_gib"]))
+    print("| model | budget GiB | plan: method, seq, micro-batch x accumulation, checkpointing | measured peak GiB | predicted then | predicted now | measured tokens/s | predicted then | predicted now |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['arch']} | {r['budget_gib']:g} | {r['method']}, {r['seq_len']}, {r['micro_batch']}x{r['grad_accum']}, "
-              f"{'on' if r['grad_ckpt'] else 'off'} | {r['predicted_gib']:.2f} | {r['measured_gib']:.2f} | {r['mem_error_pct']:+.1f}% "
-              f"| {r['predicted_tokens_per_s']:,.0f} | {r['measured_tokens_per_s']:,.0f} | {r['speed_error_pct']:+.0f}% |")  # fmt: skip
-    mem = [abs(r["mem_error_pct"]) for r in rows]
-    sp = [abs(r["speed_error_pct"]) for r in rows]
-    print(json.dumps({"runs": len(rows), "all_under_budget": all(r["under_budget"] for r in rows),
-                      "all_exit_0": all(r["exit"] == 0 for r in rows), "steps_min": min(r["steps"] for r in rows),
-                      "mem_median_abs_pct": statistics.median(mem), "mem_worst_abs_pct": max(mem),
-                      "speed_median_abs_pct": statistics.median(sp), "speed_worst_abs_pct": max(sp)}))  # fmt: skip
+        mark = "" if r["speed_fit_row"] else " *"
+        print(f"| {r['arch']} | {r['budget_gib']:g} | {r['method']}, {r['seq_len']}, {r['micro_batch']} x {r['grad_accum']}, "
+              f"{'on' if r['grad_ckpt'] else 'off'} | {r['measured_gib']:.2f} | {r['predicted_gib']:.2f} ({r['mem_error_pct']:+.1f}%) "
+              f"| {r['now_predicted_gib']:.2f} ({r['now_mem_error_pct']:+.1f}%) | {r['measured_tokens_per_s']:,.0f} "
+              f"| {r['predicted_tokens_per_s']:,.0f} ({r['speed_error_pct']:+.0f}%) | {r['now_predicted_tokens_per_s']:,.0f} ({r['now_speed_error_pct']:+.0f}%){mark} |")  # fmt: skip
+
+    def stats(vals):
+        vals = [abs(v) for v in vals]
+        return {"median": statistics.median(vals), "worst": max(vals)}
+
+    out_rows = [r for r in rows if not r["speed_fit_row"]]
+    print(json.dumps({
+        "runs": len(rows), "all_exit_0": all(r["exit"] == 0 for r in rows), "all_under_budget": all(r["under_budget"] for r in rows),
+        "min_steps": min(r["steps"] for r in rows),
+        "memory_then": stats([r["mem_error_pct"] for r in rows]), "memory_now": stats([r["now_mem_error_pct"] for r in rows]),
+        "memory_now_worst_under_pct": -min(r["now_mem_error_pct"] for r in rows),
+        "speed_then": stats([r["speed_error_pct"] for r in rows]), "speed_now_all": stats([r["now_speed_error_pct"] for r in rows]),
+        "speed_now_out_of_sample": stats([r["now_speed_error_pct"] for r in out_rows]), "out_of_sample_runs": len(out_rows),
+    }))  # fmt: skip
     return 0
 
 
