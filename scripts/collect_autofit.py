@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 FIELDS = ("arch,budget_gib,method,seq_len,micro_batch,grad_accum,grad_ckpt,optimizer,predicted_gib,measured_gib,"
           "mem_error_pct,under_budget,predicted_tokens_per_s,measured_tokens_per_s,speed_error_pct,"
-          "now_predicted_gib,now_mem_error_pct,now_predicted_tokens_per_s,now_speed_error_pct,speed_fit_row,"
+          "now_predicted_gib,now_mem_error_pct,now_predicted_tokens_per_s,now_speed_error_pct,speed_fit_row,same_choice_now,"
           "steps,exit,gpu,command").split(",")
 # The rows speed.py's constants were fitted on (the first 14 runs, in file order).
 SPEED_FIT_ROWS = 14
@@ -44,6 +44,20 @@ def proof_lengths():
         records, _ = load_records(str(data))
     examples, _ = tokenize_records(records, byte_tokenizer(), 10**9, True)
     return LengthStats(tuple(len(e["input_ids"]) for e in examples))
+
+
+def choice_now(r: dict, lengths) -> bool:
+    """Whether this checkout's auto-fit picks the configuration the run trained."""
+    from vramfit.config import RunConfig
+    from vramfit.fit import auto_fit
+    from vramfit.model_shape import load_shape
+
+    base = RunConfig.model_validate({"budget_gib": r["budget_gib"], "train": {"max_steps": 20, "save_steps": 20}})
+    pinned = {"budget_gib", "model.name", "data.path", "train.max_steps", "train.save_steps"}
+    cfg, _ = auto_fit(base, pinned, load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json")), r["budget_gib"], r["gpu"], lengths)
+    c = r["config"]
+    now = (cfg.method, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.grad_ckpt, cfg.train.optimizer)
+    return now == (r["plan"]["method"], c["seq_len"], c["micro_batch"], c["grad_accum"], c["grad_ckpt"], c["optimizer"])
 
 
 def predict_now(r: dict, lengths) -> tuple[float, float]:
@@ -80,6 +94,7 @@ def table(raw: Path) -> list[dict]:
             "now_predicted_gib": round(now_peak, 3), "now_mem_error_pct": round(100 * (now_peak - meas) / meas, 1),
             "now_predicted_tokens_per_s": round(now_rate, 1), "now_speed_error_pct": round(100 * (now_rate - rate) / rate, 1),
             "speed_fit_row": i < SPEED_FIT_ROWS,
+            "same_choice_now": choice_now(r, lengths),
             "steps": m.get("steps"), "exit": r["exit"], "gpu": r["gpu"], "command": r["command"],
         })  # fmt: skip
     return out
@@ -95,7 +110,7 @@ def main() -> int:
     print("| model | budget GiB | plan: method, seq, micro-batch x accumulation, checkpointing | measured peak GiB | predicted then | predicted now | measured tokens/s | predicted then | predicted now |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        mark = "" if r["speed_fit_row"] else " *"
+        mark = ("" if r["speed_fit_row"] else " *") + ("" if r["same_choice_now"] else " †")
         print(f"| {r['arch']} | {r['budget_gib']:g} | {r['method']}, {r['seq_len']}, {r['micro_batch']} x {r['grad_accum']}, "
               f"{'on' if r['grad_ckpt'] else 'off'} | {r['measured_gib']:.2f} | {r['predicted_gib']:.2f} ({r['mem_error_pct']:+.1f}%) "
               f"| {r['now_predicted_gib']:.2f} ({r['now_mem_error_pct']:+.1f}%) | {r['measured_tokens_per_s']:,.0f} "
@@ -109,6 +124,7 @@ def main() -> int:
     print(json.dumps({
         "runs": len(rows), "all_exit_0": all(r["exit"] == 0 for r in rows), "all_under_budget": all(r["under_budget"] for r in rows),
         "min_steps": min(r["steps"] for r in rows),
+        "same_choice_now": sum(r["same_choice_now"] for r in rows),
         "memory_then": stats([r["mem_error_pct"] for r in rows]), "memory_now": stats([r["now_mem_error_pct"] for r in rows]),
         "memory_now_worst_under_pct": -min(r["now_mem_error_pct"] for r in rows),
         "speed_then": stats([r["speed_error_pct"] for r in rows]), "speed_now_all": stats([r["now_speed_error_pct"] for r in rows]),
