@@ -436,3 +436,19 @@ def test_deepspeed_preset_refused_without_gpu(work, preset):
     assert r.exit_code in (2, 3), r.output
     assert_clean_error(r, r.exit_code, "GPU")
     assert_nothing_written(work, work / "run")
+
+
+@pytest.mark.parametrize("marker,code", [(True, 75), (False, 4)])
+def test_launcher_exit_1_with_preemption_note_is_a_preemption(tmp_path, marker, code):
+    """accelerate/torchrun exit 1 when their ranks exit 75: the trainer's preempted.json
+    note makes `vramfit train` still exit 75 (and only then)."""
+    args = [vramfit_exe(), "train", "--out", "r", "--set", "train.max_steps=2"]
+    env = subprocess_env()
+    first = subprocess.run([*args, "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "r"
+    note = f"echo '{{\"step\": 1}}' > {run_dir}/preempted.json; " if marker else ""
+    (run_dir / "launch.sh").write_text(f"#!/usr/bin/env bash\n{note}exit 1\n")  # a multi-rank launcher's exit
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr

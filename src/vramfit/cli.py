@@ -396,7 +396,8 @@ def train(
         )
         code = execute(run_dir / "launch.sh", ["--resume"])
 
-    if code == Preempted.exit_code:
+    # A launcher of several ranks exits 1 when its ranks exit 75: the trainer's note says why.
+    if code == Preempted.exit_code or (code != 0 and (run_dir / "preempted.json").is_file()):
         saved = any((run_dir / "checkpoints").glob("checkpoint-*"))
         raise Preempted(
             f"training was stopped by a signal; {'the last checkpoint in ' + str(run_dir) + ' is kept' if saved else 'no step had finished, nothing to keep'}",

@@ -333,6 +333,19 @@ def promote_checkpoint(checkpoint: Path, tokenizer, run_dir: Path, name: str) ->
     return final
 
 
+PREEMPTED_MARK = "preempted.json"
+
+
+def _mark_preempted(run_dir: Path, step: int | None, rank0: bool) -> None:
+    """Leave a note that this exit is a preemption. Multi-process launchers (accelerate,
+    torchrun) exit 1 whatever their ranks' codes, so `vramfit train` reads this note to
+    still exit 75 for them."""
+    if rank0:
+        tmp = run_dir / f".{PREEMPTED_MARK}.tmp"
+        tmp.write_text(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        os.replace(tmp, run_dir / PREEMPTED_MARK)
+
+
 def _round(rate: float | None, world: int) -> float | None:
     return None if rate is None else round(rate * world, 1)
 
@@ -367,6 +380,8 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         # Under the lock, so no live trainer's save is in there; before any rank's first save.
         remove_stale_staging(run_dir)
     log = Log(run_dir, rank0)
+    if rank0:
+        (run_dir / PREEMPTED_MARK).unlink(missing_ok=True)  # only this run's preemption counts
     monitor = MemoryMonitor(doc["device"] == "cuda")
     if doc["device"] == "cuda":
         if not torch.cuda.is_available():
@@ -426,6 +441,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     check_disk_for_checkpoints(run_dir, model, cfg)
     trainer.add_callback(preemption)
     if preemption.requested is not None:
+        _mark_preempted(run_dir, None, rank0)
         raise Preempted("stopped by a signal before training started; nothing to save", "rerun the same command to start")
     gate = _gpu_turn(os.environ.get("VRAMFIT_GPU_TURN"))  # noqa: F841 (held until exit)
     start = time.perf_counter()
@@ -433,6 +449,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     if preemption.stopped_at is not None and not is_final(trainer.state.global_step, trainer.state.max_steps):
         log(f"preempted: checkpoint saved at step {preemption.stopped_at}")
+        _mark_preempted(run_dir, preemption.stopped_at, rank0)
         by = f"signal {preemption.requested}" if preemption.requested is not None else "a signal to another rank"
         raise Preempted(
             f"training stopped by {by} at step {preemption.stopped_at}; checkpoint saved",
