@@ -216,12 +216,13 @@ LENGTH_SAMPLE = 2000
 
 def _length_stats(config, records):
     from .data import tokenize_records
+    from .embedded import EMBEDDED_MODEL
     from .model_source import load_tokenizer
     from .speed import LengthStats
 
     step = max(1, len(records) // LENGTH_SAMPLE)
     sample = records[::step][:LENGTH_SAMPLE]
-    tokenizer = load_tokenizer(config.model.name or "embedded:tiny", config.model.trust_remote_code)
+    tokenizer = load_tokenizer(config.model.name or EMBEDDED_MODEL, config.model.trust_remote_code)
     examples, _ = tokenize_records(sample, tokenizer, 10**9, config.data.chat_template)
     return LengthStats(tuple(len(e["input_ids"]) for e in examples))
 
