@@ -242,7 +242,7 @@ def test_train_resume_warns_other_options_ignored(work, monkeypatch):
     out = work / "run"
     assert invoke("train", "--dry-run", "--out", out).exit_code == 0
     calls = []
-    monkeypatch.setattr(launch, "execute", lambda script, extra=None: calls.append((script, extra)) or 0)
+    monkeypatch.setattr(launch, "execute", lambda script, extra=None, **kw: calls.append((script, extra)) or 0)
     r = invoke("train", "--resume", "--out", out, "--set", "lora.r=2")
     assert r.exit_code == 0, r.output
     assert "other options are ignored" in r.stderr
@@ -252,7 +252,7 @@ def test_train_resume_warns_other_options_ignored(work, monkeypatch):
 def test_train_failure_is_one_line_with_resume_hint(work, monkeypatch):
     import vramfit.launch as launch
 
-    monkeypatch.setattr(launch, "execute", lambda script, extra=None: 7)
+    monkeypatch.setattr(launch, "execute", lambda script, extra=None, **kw: 7)
     r = invoke("train", "--out", work / "run")
     line = assert_clean_error(r, 4, "training exited with code 7")
     assert "vramfit train --resume --out" in line

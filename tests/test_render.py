@@ -326,7 +326,8 @@ def fake_python(tmp_path: Path) -> Path:
 
 
 def test_launch_sh_runs_with_args_and_node_rank(tmp_path, no_gpu_facts):
-    sets = ["launch.gpus=2", "launch.nodes=2"]
+    # A multi-node plan needs a reachable master address (a loopback one is refused).
+    sets = ["launch.gpus=2", "launch.nodes=2", "launch.master_addr=10.0.0.1"]
     run_dir, _ = render(tmp_path, "multi-gpu", no_gpu_facts, sets)
     env = {**os.environ, "PYTHON": str(fake_python(tmp_path)), "NODE_RANK": "1", "PYTORCH_CUDA_ALLOC_CONF": "x"}
     out = subprocess.run(

@@ -141,9 +141,47 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override one key, e.g. --set lo
 TrustOpt = typer.Option(
     False, "--trust-remote-code", help="Allow the model's own Python code from the hub to run (off by default)."
 )
+# Launch flags -> launch.* keys (layered as "flag", like --budget). Taken as text and
+# checked by _launch_overrides, so a bad value is vramfit's one error line, not click's panel.
+GpusOpt = typer.Option(None, "--gpus", metavar="N", help="Training processes (GPUs) per node (launch.gpus).")
+NodesOpt = typer.Option(None, "--nodes", metavar="N", help="Number of machines (launch.nodes).")
+NodeRankOpt = typer.Option(
+    None, "--node-rank", metavar="R", help="This machine's rank, 0 to nodes-1 (launch.node_rank; NODE_RANK overrides it in launch.sh)."
+)
+MasterAddrOpt = typer.Option(None, "--master-addr", metavar="HOST", help="Node 0's address as every node reaches it (launch.master_addr).")
+MasterPortOpt = typer.Option(None, "--master-port", metavar="P", help="Rendezvous port on node 0 (launch.master_port).")
 
 
-def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote_code=False, price=None):
+def _int_flag(name: str, raw: str | None, low: int, example: int, high: int | None = None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        span = f"from {low} to {high}" if high is not None else f"{low} or more"
+        raise UsageError(f"{name} must be a whole number {span}, got {raw!r}", f"e.g. {name} {example}")
+    return value
+
+
+def _launch_overrides(gpus, nodes, node_rank, master_addr, master_port) -> dict:
+    """The launch flags as a launch.* override layer; bad values are one-line UsageErrors.
+    node_rank < nodes is checked by the config once every layer is merged."""
+    out = {
+        "gpus": _int_flag("--gpus", gpus, 1, 2),
+        "nodes": _int_flag("--nodes", nodes, 1, 2),
+        "node_rank": _int_flag("--node-rank", node_rank, 0, 0),
+        "master_port": _int_flag("--master-port", master_port, 1, 29500, high=65535),
+    }
+    if master_addr is not None:
+        if not master_addr.strip() or any(c.isspace() for c in master_addr):
+            raise UsageError(f"--master-addr must be a host name or IP address, got {master_addr!r}", "e.g. --master-addr 10.0.0.1")
+        out["master_addr"] = master_addr
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote_code=False, price=None, launch=None):
     if budget is not None and not budget > 0:
         raise UsageError(f"--budget must be a positive number of GiB, got {budget:g}", "e.g. --budget 8 for an 8 GB card")
     if price is not None and not price >= 0:
@@ -174,6 +212,8 @@ def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote
         overrides["budget_gib"] = budget
     if trust_remote_code:
         overrides.setdefault("model", {})["trust_remote_code"] = True
+    if launch:
+        overrides["launch"] = dict(launch)
     if auto and not facts.has_gpu:
         from .errors import FitError
 
@@ -301,13 +341,19 @@ def plan(
     set_: Optional[list[str]] = SetOpt,
     trust_remote_code: bool = TrustOpt,
     price: Optional[float] = PriceOpt,
+    gpus: Optional[str] = GpusOpt,
+    nodes: Optional[str] = NodesOpt,
+    node_rank: Optional[str] = NodeRankOpt,
+    master_addr: Optional[str] = MasterAddrOpt,
+    master_port: Optional[str] = MasterPortOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Predict memory, write the run directory (configs + launch.sh); train nothing."""
     from .plan import require_fit
     from .render import write_run_dir
 
-    p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code, price)
+    launch = _launch_overrides(gpus, nodes, node_rank, master_addr, master_port)
+    p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code, price, launch)
     require_fit(p)
     run_dir = write_run_dir(p, out or _default_out(p))
     if as_json:
@@ -335,21 +381,38 @@ def train(
         False, "--probe", help="Train a few steps on the longest examples under the budget, report measured vs predicted, keep nothing."
     ),
     probe_steps: int = typer.Option(4, "--probe-steps", help="Optimizer steps --probe trains."),
+    gpus: Optional[str] = GpusOpt,
+    nodes: Optional[str] = NodesOpt,
+    node_rank: Optional[str] = NodeRankOpt,
+    master_addr: Optional[str] = MasterAddrOpt,
+    master_port: Optional[str] = MasterPortOpt,
 ) -> None:
     """Plan, write the run directory, and train."""
     from .launch import execute
     from .plan import require_fit
     from .render import METRICS, PLAN_FILE, plan_differences, read_plan, write_run_dir
 
+    launch = _launch_overrides(gpus, nodes, node_rank, master_addr, master_port)
     if resume:
         if out is None:
             raise UsageError("--resume needs --out RUN_DIR", "pass the run directory to continue")
-        read_plan(out)  # validates it is a run dir
-        if any(x is not None for x in (model, preset, data, budget, config, price)) or set_ or trust_remote_code:
+        doc = read_plan(out)  # validates it is a run dir
+        ignored = set(launch) - {"node_rank"}  # the rank names this machine, not the run: it still applies
+        if any(x is not None for x in (model, preset, data, budget, config, price)) or set_ or trust_remote_code or ignored:
             typer.echo("note: --resume continues the run as planned; other options are ignored", err=True)
         run_dir = out.expanduser().resolve()
+        node_env = {}
+        if "node_rank" in launch:
+            planned_nodes = int(doc["config"].get("launch", {}).get("nodes", 1))
+            if launch["node_rank"] >= planned_nodes:
+                raise UsageError(
+                    f"--node-rank {launch['node_rank']} must be below the run's launch.nodes {planned_nodes}",
+                    f"pass a rank from 0 to {planned_nodes - 1}",
+                )
+            node_env = {"NODE_RANK": str(launch["node_rank"])}
     else:
-        p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code, price)
+        p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code, price, launch)
+        node_env = _node_rank_env(p)
         require_fit(p)
         target = (out or _default_out(p)).expanduser().resolve()
         if probe:
@@ -377,7 +440,7 @@ def train(
         if dry_run:
             typer.echo(f"dry run: nothing trained. Start it with: bash {run_dir}/launch.sh")
             return
-    code = execute(run_dir / "launch.sh", ["--resume"] if resume else [])
+    code = execute(run_dir / "launch.sh", ["--resume"] if resume else [], env=node_env)
     from .errors import Preempted, RunLocked
     from .oom import OOM_EXIT, adjust_after_oom
 
@@ -395,7 +458,7 @@ def train(
             f"{e['micro_batch'][1]} x accumulation {e['grad_accum'][1]} (recorded in {run_dir / 'events.jsonl'})",
             err=True,
         )
-        code = execute(run_dir / "launch.sh", ["--resume"])
+        code = execute(run_dir / "launch.sh", ["--resume"], env=node_env)
 
     # A launcher of several ranks exits 1 when its ranks exit 75: the trainer's note says why.
     if code == Preempted.exit_code or (code != 0 and (run_dir / "preempted.json").is_file()):
@@ -422,6 +485,17 @@ def train(
         )
         _report_prediction(m)
     typer.echo(f"next: vramfit merge {run_dir}")
+
+
+def _node_rank_env(plan) -> dict[str, str]:
+    """NODE_RANK for launch.sh, which reads ${NODE_RANK:-rank in plan.yaml}. Every node may run
+    the same command into one shared run directory (plan_differences ignores the rank), so
+    the rank this command planned must reach launch.sh: an explicit --node-rank (or --set)
+    wins over an exported NODE_RANK, which wins over a rank from a preset, file or default."""
+    explicit = plan.sources.get("launch.node_rank") in ("flag", "--set")
+    if explicit or "NODE_RANK" not in os.environ:
+        return {"NODE_RANK": str(plan.config.launch.node_rank)}
+    return {}
 
 
 def _probe(plan, target: Path, steps: int) -> None:

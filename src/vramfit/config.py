@@ -111,7 +111,9 @@ class LaunchConfig(_Section):
     gpus: PositiveInt = 1
     nodes: PositiveInt = 1
     node_rank: int = Field(0, ge=0)
-    master_addr: str = "127.0.0.1"
+    # Node 0's address as every node reaches it. No whitespace: it goes on accelerate's
+    # command line, and an empty or spaced value is a typo, not a host.
+    master_addr: str = Field("127.0.0.1", min_length=1, pattern=r"^\S+$")
     master_port: int = Field(29500, gt=0, lt=65536)
     # Written into launch.sh so the allocator/threading behaviour belongs to the
     # plan, not to whatever the user's shell happens to export.

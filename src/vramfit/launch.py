@@ -75,14 +75,15 @@ def launch_script(cfg: RunConfig, python: str | None = None, extra_env: dict[str
     return "\n".join(lines) + "\n"
 
 
-def execute(script: Path, extra_args: list[str] | None = None) -> int:
+def execute(script: Path, extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> int:
     """Run launch.sh and wait; the trainer checkpoints on SIGTERM/SIGINT and exits 75.
 
+    ``env`` is added to this process's environment (the CLI passes NODE_RANK).
     SIGTERM sent to this process alone (``kill PID``, a container's PID 1) is passed
     on to the trainer. SIGINT is not: Ctrl-C already reaches the whole foreground
     process group, and a second SIGINT tells the trainer to stop without saving.
     """
-    proc = subprocess.Popen(["bash", str(script), *(extra_args or [])], env=os.environ.copy())
+    proc = subprocess.Popen(["bash", str(script), *(extra_args or [])], env={**os.environ, **(env or {})})
 
     def forward(signum, _frame):
         if signum == signal.SIGTERM:

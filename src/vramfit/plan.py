@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import distributed
 from .config import RunConfig
 from .embedded import EMBEDDED_MODEL
 from .errors import FitError, ModelError
@@ -114,17 +115,23 @@ def build_plan(
             f"DeepSpeed ZeRO-{config.deepspeed.stage} needs NVIDIA GPUs and none was found",
             "use --preset cpu here, or run this plan on a GPU machine",
         )
-    notes: list[str] = []
     dtype = resolve_dtype(config.model.dtype, facts)
+    # Known-bad distributed/offload combinations fail here, before anything launches.
+    notes: list[str] = distributed.check(config, shape, facts, dtype)
     if config.budget_gib is not None:
         src = (sources or {}).get("budget_gib", "flag")
         budget, budget_source = config.budget_gib, "--budget" if src == "flag" else f"budget_gib from {src}"
     elif facts.has_gpu:
-        budget, budget_source = facts.min_total_gib, f"smallest detected GPU ({facts.gpus[0].name})"
-        if not facts.all_same_model:
-            notes.append("GPUs differ in size: planned for the smallest")
+        # Data-parallel ranks all hold the same shard: the smallest card decides.
+        small = min(facts.gpus, key=lambda g: g.total_bytes)
+        budget, budget_source = facts.min_total_gib, f"smallest detected GPU ({small.name})"
     else:
         budget, budget_source = None, None
+    if facts.has_gpu:
+        sizes = sorted({round(g.total_gib, 1) for g in facts.gpus})
+        if len(sizes) > 1:  # by size, not name: two cards of one name can differ (40/80 GB, MIG)
+            used = f"the {budget:g} GiB budget" if config.budget_gib is not None else f"the smallest, {sizes[0]:g} GiB"
+            notes.append(f"GPUs differ in size ({', '.join(f'{s:g}' for s in sizes)} GiB): planned for {used} on every GPU")
     if facts.has_gpu and config.world_size > facts.gpu_count * config.launch.nodes:
         notes.append(f"plan asks for {config.launch.gpus} GPUs per node but {facts.gpu_count} were detected here")
     device = "cuda" if facts.has_gpu else "cpu"

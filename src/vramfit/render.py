@@ -198,7 +198,9 @@ def plan_differences(doc: dict[str, Any], plan: Plan) -> list[str]:
             diffs.append(prefix.rstrip("."))
 
     walk(doc.get("config"), new["config"], "")
-    return diffs
+    # The node rank names the machine, not the run: every node of a multi-node run may
+    # run the same command (with its own --node-rank) on one shared run directory.
+    return [d for d in diffs if d != "launch.node_rank"]
 
 
 def read_plan(run_dir: Path) -> dict[str, Any]:

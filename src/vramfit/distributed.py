@@ -1,0 +1,96 @@
+"""Several GPUs, several nodes, DeepSpeed: the combinations refused before launch.
+
+Pure, like ``plan.py`` (which calls ``check``): config, model shape and hardware facts
+in; notes out, or a ``ConfigError`` (exit 2, a setting is wrong) or a ``FitError``
+(exit 3, this machine is too small). Each refusal exists because the combination
+fails, or silently does something else, only after minutes of loading on rented
+GPUs. docs/distributed.md is the table of what is refused, what only renders, and
+what has actually run.
+"""
+
+from __future__ import annotations
+
+from .config import RunConfig
+from .errors import ConfigError, FitError
+from .hardware import GIB, HardwareFacts
+from .memory import trainable_params
+from .model_shape import ModelShape
+
+# ZeRO-Offload keeps, in host RAM, for every trainable parameter: an fp32 master copy
+# (4 bytes), Adam's two fp32 moments (8) and the fp32 gradient partition (4).
+OFFLOAD_OPTIMIZER_BYTES = 16
+# Leave this share of the host's RAM to the OS, the training processes themselves
+# (Python, torch, the dataset) and pinned-buffer overhead. A floor, not a prediction:
+# the offload path has not been measured on a GPU yet (docs/distributed.md).
+HOST_RAM_USABLE = 0.9
+# Optimizers that survive ZeRO-Offload as chosen. With offload_optimizer, accelerate
+# replaces the Trainer's torch optimizer with DeepSpeedCPUAdam
+# (accelerate.utils.deepspeed.map_pytorch_optim_to_deepspeed): AdamW stays AdamW,
+# anything else (SGD, bitsandbytes 8-bit or paged) silently becomes CPU Adam.
+OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+LOOPBACK = ("127.", "localhost", "::1", "0.0.0.0")
+
+
+def offloaded_host_bytes(shape: ModelShape, cfg: RunConfig, dtype: str) -> float:
+    """Bytes that ZeRO offload keeps in host RAM on one node (0 without offload).
+
+    ZeRO partitions optimizer state (and, at stage 3, parameters) over every rank of
+    every node, and each rank offloads its partition to its own host: one node holds
+    1/nodes of the total, assuming identical nodes."""
+    ds = cfg.deepspeed
+    total = 0.0
+    if ds.offload_optimizer:
+        total += OFFLOAD_OPTIMIZER_BYTES * trainable_params(shape, cfg)
+    if ds.offload_params:
+        total += (4 if dtype == "float32" else 2) * shape.total_params  # the 16-bit (or fp32) weights
+    return total / cfg.launch.nodes
+
+
+def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str) -> list[str]:
+    """Raise on a known-bad combination; return notes for pointless-but-harmless ones."""
+    ds, la = cfg.deepspeed, cfg.launch
+    notes: list[str] = []
+    if la.nodes > 1 and la.master_addr.startswith(LOOPBACK):
+        # Every node would look for node 0 on itself and wait for the rendezvous timeout.
+        raise ConfigError(
+            f"launch.nodes {la.nodes} with launch.master_addr {la.master_addr}: the other machines cannot reach a loopback address",
+            "pass --master-addr with node 0's address as the other nodes reach it, such as its private IP",
+        )
+    if cfg.method == "qlora" and cfg.quant.bits == 8 and ds.stage == 3:
+        # ZeRO-3 flattens and shards parameters by dtype. 4-bit weights can be stored in
+        # the compute dtype (bnb_4bit_quant_storage, set by render.bnb_config); 8-bit
+        # LLM.int8 weights have no such option.
+        raise ConfigError(
+            "qlora with quant.bits 8 cannot be sharded by DeepSpeed ZeRO-3 (8-bit weights have no quant_storage dtype)",
+            "use --set quant.bits=4 (stored in the compute dtype under ZeRO-3), or --set deepspeed.stage=2",
+        )
+    if ds.offload_optimizer and cfg.train.optimizer not in OFFLOAD_OPTIMIZERS:
+        raise ConfigError(
+            f"deepspeed.offload_optimizer replaces train.optimizer {cfg.train.optimizer} with DeepSpeed's CPU Adam, "
+            "so the optimizer you chose would silently not be used",
+            "use --set train.optimizer=adamw_torch with offload, or turn deepspeed.offload_optimizer off",
+        )
+    if ds.stage and cfg.world_size == 1 and not (ds.offload_optimizer or ds.offload_params):
+        notes.append(
+            f"ZeRO-{ds.stage} on one GPU shards nothing: without offload it only adds DeepSpeed's overhead "
+            "(set deepspeed.stage=0, or deepspeed.offload_optimizer=true to move optimizer state to host RAM)"
+        )
+    need = offloaded_host_bytes(shape, cfg, dtype)
+    if need and facts.host_ram_bytes:
+        usable = facts.host_ram_bytes * HOST_RAM_USABLE
+        what = " and ".join(
+            w for w, on in (("optimizer state", ds.offload_optimizer), ("parameters", ds.offload_params)) if on
+        )
+        if need > usable:
+            raise FitError(
+                f"ZeRO offload of {what} needs about {need / GIB:.1f} GiB of host RAM per node, and this machine has "
+                f"{facts.host_ram_bytes / GIB:.1f} GiB ({HOST_RAM_USABLE:.0%} usable: {usable / GIB:.1f} GiB)",
+                "use a machine with more RAM, more nodes (--nodes), fewer trainable parameters (a LoRA method, lower lora.r), "
+                "or turn off deepspeed.offload_params",
+            )
+        if need > facts.host_ram_available_bytes:
+            notes.append(
+                f"ZeRO offload needs about {need / GIB:.1f} GiB of host RAM; only "
+                f"{facts.host_ram_available_bytes / GIB:.1f} GiB is available now (other processes hold the rest)"
+            )
+    return notes

@@ -1,0 +1,315 @@
+"""Issue 5 on CPU: launch flags rendered into launch.sh, and the distributed/offload
+combinations refused before launch (docs/distributed.md).
+
+Nothing here runs on a GPU or starts more than one process: these tests prove what is
+rendered and what is refused, not that a multi-GPU run trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import QWEN7B_CONFIG
+from vramfit.cli import app
+from vramfit.config import RunConfig
+from vramfit.distributed import HOST_RAM_USABLE, OFFLOAD_OPTIMIZER_BYTES, offloaded_host_bytes
+from vramfit.embedded import tiny_config
+from vramfit.errors import ConfigError, FitError
+from vramfit.hardware import GIB, fake_facts
+from vramfit.model_shape import shape_from_config
+from vramfit.plan import build_plan
+from vramfit.presets import resolve_layers
+from vramfit.render import bnb_config
+
+runner = CliRunner()
+QWEN7B = shape_from_config(QWEN7B_CONFIG)
+TINY = shape_from_config(tiny_config())
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_error_line(r, code: int, *needles: str) -> str:
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output and "internal error" not in r.output, r.output
+    errs = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errs) == 1, r.output
+    assert "(hint: " in errs[0], errs[0]
+    for n in needles:
+        assert n in errs[0], errs[0]
+    return errs[0]
+
+
+def plan_for(sets: list[str], facts=None, shape=QWEN7B, preset=None):
+    r = resolve_layers(preset, set_items=sets)
+    return build_plan(r.config, shape, facts or fake_facts(80, count=8), r.sources, preset)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def fake_python(tmp_path: Path) -> Path:
+    """A stand-in interpreter that prints its argv, one ARG line each."""
+    script = tmp_path / "fakepy"
+    script.write_text('#!/usr/bin/env bash\nfor a in "$@"; do echo "ARG $a"; done\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+def launch_args(run_dir: Path, tmp_path: Path, **env) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if k != "NODE_RANK"}
+    out = subprocess.run(
+        ["bash", str(run_dir / "launch.sh")], env={**base, "PYTHON": str(fake_python(tmp_path)), **env},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return [line[4:] for line in out.stdout.splitlines() if line.startswith("ARG ")]
+
+
+def opt(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+# ---------------------------------------------------------------- launch flags
+
+
+FLAGS = ["--gpus", "4", "--nodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.7", "--master-port", "6001"]
+
+
+def test_launch_flags_layer_as_flag_and_render_into_launch_sh(work, no_gpu):
+    r = invoke("plan", *FLAGS, "--out", "run")
+    assert r.exit_code == 0, r.output
+    doc = yaml.safe_load((work / "run" / "plan.yaml").read_text())
+    assert doc["config"]["launch"] | {"env": None} == {
+        "gpus": 4, "nodes": 2, "node_rank": 1, "master_addr": "10.0.0.7", "master_port": 6001, "env": None,
+    }  # fmt: skip
+    for k in ("gpus", "nodes", "node_rank", "master_addr", "master_port"):
+        assert doc["sources"][f"launch.{k}"] == "flag"
+    assert doc["world_size"] == 8
+    # The script accelerate gets: 8 processes over 2 machines, this one rank 1 by default.
+    args = launch_args(work / "run", work)
+    assert args[:2] == ["-m", "accelerate.commands.launch"]
+    assert opt(args, "--num_processes") == "8" and opt(args, "--num_machines") == "2"
+    assert opt(args, "--main_process_ip") == "10.0.0.7" and opt(args, "--main_process_port") == "6001"
+    assert opt(args, "--machine_rank") == "1"
+    # One run directory serves every node: NODE_RANK overrides the planned rank.
+    assert opt(launch_args(work / "run", work, NODE_RANK="0"), "--machine_rank") == "0"
+
+
+def test_set_beats_launch_flags(work, no_gpu):
+    # Layering: flags < --set, as for --budget.
+    r = invoke("plan", "--gpus", "4", "--set", "launch.gpus=3", "--out", "run")
+    assert r.exit_code == 0, r.output
+    doc = yaml.safe_load((work / "run" / "plan.yaml").read_text())
+    assert doc["config"]["launch"]["gpus"] == 3 and doc["sources"]["launch.gpus"] == "--set"
+
+
+BAD_FLAGS = [
+    (["--gpus", "0"], "--gpus must be a whole number 1 or more, got '0'"),
+    (["--gpus", "two"], "--gpus must be a whole number"),
+    (["--gpus", "1.5"], "--gpus must be a whole number"),
+    (["--nodes", "0"], "--nodes must be a whole number 1 or more"),
+    (["--node-rank", "-1"], "--node-rank must be a whole number 0 or more"),
+    (["--master-port", "0"], "--master-port must be a whole number from 1 to 65535"),
+    (["--master-port", "65536"], "--master-port must be a whole number from 1 to 65535"),
+    (["--master-addr", ""], "--master-addr must be a host name or IP address"),
+    (["--master-addr", "10.0.0.1 10.0.0.2"], "--master-addr must be a host name or IP address"),
+    (["--nodes", "2", "--node-rank", "2", "--master-addr", "h0"], "launch.node_rank 2 must be below launch.nodes 2"),
+    (["--set", "launch.master_addr="], "launch.master_addr"),
+]
+
+
+@pytest.mark.parametrize("command", ["plan", "train"])
+@pytest.mark.parametrize(("args", "needle"), BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_launch_flag_is_one_line_exit_2(work, no_gpu, command, args, needle):
+    one_error_line(invoke(command, *args, "--out", "run"), 2, needle)
+    assert list(work.iterdir()) == []  # no run directory, no temporary
+
+
+def test_every_node_runs_the_same_train_command_on_one_run_dir(work, no_gpu, monkeypatch):
+    """Node 0 writes the run dir; node 1 runs the same command with --node-rank 1 on it
+    (shared storage): the same run, continued, with NODE_RANK=1 reaching launch.sh."""
+    import vramfit.launch as launch
+
+    calls = []
+    monkeypatch.setattr(launch, "execute", lambda script, extra=None, env=None: calls.append((extra, env)) or 0)
+    common = ["--nodes", "2", "--master-addr", "10.0.0.7", "--out", "run"]
+    assert invoke("train", *common, "--node-rank", "0").exit_code == 0
+    before = (work / "run" / "plan.yaml").read_bytes()
+    r = invoke("train", *common, "--node-rank", "1")
+    assert r.exit_code == 0, r.output
+    assert "holds this same run" in r.output
+    assert calls == [([], {"NODE_RANK": "0"}), (["--resume"], {"NODE_RANK": "1"})]
+    assert (work / "run" / "plan.yaml").read_bytes() == before  # never rewritten
+    # Any other difference is still a different run.
+    one_error_line(invoke("train", *common, "--node-rank", "1", "--gpus", "2"), 2, "differs in launch.gpus")
+
+
+def test_node_rank_precedence_flag_then_env_then_plan(work, no_gpu, monkeypatch):
+    import vramfit.launch as launch
+
+    calls = []
+    monkeypatch.setattr(launch, "execute", lambda script, extra=None, env=None: calls.append(env) or 0)
+    monkeypatch.setenv("NODE_RANK", "1")
+    common = ["--nodes", "2", "--master-addr", "h0"]
+    assert invoke("train", *common, "--out", "a").exit_code == 0  # exported NODE_RANK kept: nothing added
+    assert invoke("train", *common, "--node-rank", "0", "--out", "b").exit_code == 0  # the flag wins
+    monkeypatch.delenv("NODE_RANK")
+    assert invoke("train", *common, "--out", "c").exit_code == 0  # neither: the planned rank
+    assert calls == [{}, {"NODE_RANK": "0"}, {"NODE_RANK": "0"}]
+
+
+def test_resume_honours_node_rank_and_checks_it(work, no_gpu, monkeypatch):
+    import vramfit.launch as launch
+
+    calls = []
+    monkeypatch.setattr(launch, "execute", lambda script, extra=None, env=None: calls.append(env) or 0)
+    assert invoke("plan", "--nodes", "2", "--master-addr", "h0", "--out", "run").exit_code == 0
+    r = invoke("train", "--resume", "--out", "run", "--node-rank", "1")
+    assert r.exit_code == 0, r.output
+    assert "other options are ignored" not in r.output
+    assert calls == [{"NODE_RANK": "1"}]
+    one_error_line(invoke("train", "--resume", "--out", "run", "--node-rank", "2"), 2, "below the run's launch.nodes 2")
+
+
+def test_gpus_above_detected_is_a_note():
+    plan = plan_for(["launch.gpus=4"], facts=fake_facts(80, count=2))
+    assert any("asks for 4 GPUs per node but 2 were detected" in n for n in plan.notes)
+
+
+def test_mixed_gpu_sizes_plan_for_the_smallest():
+    big = fake_facts(80, count=2, name="NVIDIA H100 80GB HBM3")
+    small = fake_facts(24, name="NVIDIA L4").gpus[0]
+    facts = dataclasses.replace(big, gpus=(big.gpus[0], dataclasses.replace(small, index=1)))
+    plan = plan_for(["launch.gpus=2"], facts=facts)
+    assert plan.budget_gib == pytest.approx(24.0)
+    assert plan.budget_source == "smallest detected GPU (NVIDIA L4)"  # not GPU 0's name
+    assert any("GPUs differ in size (24, 80 GiB): planned for the smallest, 24 GiB" in n for n in plan.notes)
+    # Same size: no note.
+    assert not any("differ in size" in n for n in plan_for(["launch.gpus=2"], facts=big).notes)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_multi_node_with_loopback_master_refused(work, no_gpu):
+    for addr in ("127.0.0.1", "localhost"):
+        with pytest.raises(ConfigError, match="cannot reach a loopback address"):
+            plan_for(["launch.nodes=2", f"launch.master_addr={addr}"])
+    plan_for(["launch.nodes=2", "launch.master_addr=10.0.0.1"])  # a real address plans
+    plan_for(["launch.nodes=1"])  # one node: loopback is right
+    one_error_line(invoke("plan", "--nodes", "2", "--out", "run"), 2, "loopback", "--master-addr")
+    assert not (work / "run").exists()
+
+
+def test_qlora_zero3_storage_is_the_compute_dtype():
+    for facts, dtype in ((fake_facts(80, count=2), "bfloat16"), (fake_facts(16, count=2, cc=(7, 5)), "float16")):
+        plan = plan_for(["method=qlora", "deepspeed.stage=3", "launch.gpus=2"], facts=facts)
+        assert plan.dtype == dtype
+        bnb = bnb_config(plan)
+        assert bnb["bnb_4bit_quant_storage"] == bnb["bnb_4bit_compute_dtype"] == dtype
+    # Without ZeRO-3 the storage stays packed uint8.
+    assert bnb_config(plan_for(["method=qlora", "deepspeed.stage=2", "launch.gpus=2"]))["bnb_4bit_quant_storage"] == "uint8"
+
+
+def test_qlora_8bit_zero3_refused():
+    with pytest.raises(ConfigError, match="quant.bits 8 cannot be sharded by DeepSpeed ZeRO-3") as e:
+        plan_for(["method=qlora", "quant.bits=8", "deepspeed.stage=3", "launch.gpus=2"])
+    assert "quant.bits=4" in e.value.hint
+    plan_for(["method=qlora", "quant.bits=8", "deepspeed.stage=2", "launch.gpus=2"])  # ZeRO-2 does not shard weights
+
+
+def test_qlora_param_offload_refused():
+    with pytest.raises(ConfigError, match="qlora cannot offload 4-bit parameters"):
+        plan_for(["method=qlora", "deepspeed.stage=3", "deepspeed.offload_params=true"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_optimizer_offload_with_non_adamw_refused(optimizer):
+    with pytest.raises(ConfigError, match=f"replaces train.optimizer {optimizer} with DeepSpeed's CPU Adam"):
+        plan_for(["deepspeed.stage=2", "deepspeed.offload_optimizer=true", f"train.optimizer={optimizer}"])
+    plan_for(["deepspeed.stage=2", f"train.optimizer={optimizer}", "launch.gpus=2"])  # no offload: kept
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_torch", "adamw_torch_fused"])
+def test_optimizer_offload_with_adamw_plans(optimizer):
+    plan_for(["deepspeed.stage=2", "deepspeed.offload_optimizer=true", f"train.optimizer={optimizer}"])
+
+
+def test_zero_on_one_gpu_without_offload_is_a_note():
+    def zero_note(sets):
+        return [n for n in plan_for(sets, facts=fake_facts(80)).notes if "shards nothing" in n]
+
+    assert zero_note(["deepspeed.stage=2"]) and zero_note(["deepspeed.stage=3"])
+    assert not zero_note(["deepspeed.stage=2", "launch.gpus=2"])
+    assert not zero_note(["deepspeed.stage=2", "launch.nodes=2", "launch.master_addr=h0"])
+    assert not zero_note(["deepspeed.stage=2", "deepspeed.offload_optimizer=true"])
+    assert not zero_note(["deepspeed.stage=3", "deepspeed.offload_params=true"])
+    assert not zero_note([])
+
+
+def test_offloaded_host_bytes_arithmetic():
+    cfg = RunConfig.model_validate({"method": "full", "deepspeed": {"stage": 3, "offload_optimizer": True, "offload_params": True}})
+    n = QWEN7B.total_params
+    assert OFFLOAD_OPTIMIZER_BYTES == 16  # fp32 master 4 + Adam m, v 8 + fp32 gradient 4
+    assert offloaded_host_bytes(QWEN7B, cfg, "bfloat16") == 16 * n + 2 * n
+    assert offloaded_host_bytes(QWEN7B, cfg, "float32") == 16 * n + 4 * n
+    two = cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"nodes": 2, "master_addr": "h0"})})
+    assert offloaded_host_bytes(QWEN7B, two, "bfloat16") == (16 * n + 2 * n) / 2  # each node holds its ranks' partitions
+    lora = RunConfig.model_validate({"deepspeed": {"stage": 2, "offload_optimizer": True}})
+    assert 0 < offloaded_host_bytes(QWEN7B, lora, "bfloat16") < 16 * 50e6  # adapters only: small
+    assert offloaded_host_bytes(QWEN7B, RunConfig.model_validate({"deepspeed": {"stage": 3}}), "bfloat16") == 0
+
+
+def test_offload_needs_host_ram():
+    # Full fine-tuning of a 7.6B model with ZeRO-Offload: ~16 bytes x 7.6e9 = ~113 GiB of host RAM.
+    sets = ["method=full", "deepspeed.stage=2", "deepspeed.offload_optimizer=true", "launch.gpus=8"]
+    need = 16 * QWEN7B.total_params / GIB
+    assert 100 < need < 120
+    with pytest.raises(FitError, match=rf"needs about {need:.1f} GiB of host RAM per node, and this machine has 64.0 GiB") as e:
+        plan_for(sets, facts=fake_facts(80, count=8, host_ram_gib=64))
+    assert "--nodes" in e.value.hint
+    # Just under and just over the usable share of RAM.
+    plan_for(sets, facts=fake_facts(80, count=8, host_ram_gib=need / HOST_RAM_USABLE * 1.01))
+    with pytest.raises(FitError):
+        plan_for(sets, facts=fake_facts(80, count=8, host_ram_gib=need / HOST_RAM_USABLE * 0.99))
+    # Two nodes each hold half.
+    plan_for([*sets, "launch.nodes=2", "launch.master_addr=h0"], facts=fake_facts(80, count=8, host_ram_gib=64))
+    # Parameter offload adds the 16-bit weights.
+    p3 = ["method=full", "deepspeed.stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true", "launch.gpus=8"]
+    with pytest.raises(FitError, match="optimizer state and parameters"):
+        plan_for(p3, facts=fake_facts(80, count=8, host_ram_gib=need / HOST_RAM_USABLE * 1.01))
+
+
+def test_offload_above_available_ram_is_a_note():
+    sets = ["method=full", "deepspeed.stage=2", "deepspeed.offload_optimizer=true", "launch.gpus=8"]
+    facts = fake_facts(80, count=8, host_ram_gib=256)
+    facts = dataclasses.replace(facts, host_ram_available_bytes=50 * GIB)
+    plan = plan_for(sets, facts=facts)
+    assert any("only 50.0 GiB is available now" in n for n in plan.notes)
+
+
+def test_offload_refusal_through_cli_is_exit_3(work, monkeypatch):
+    """On a (fake) GPU machine whose host RAM is too small for the embedded model's offloaded
+    state: the one-line FitError, exit 3, and no run directory."""
+    import vramfit.hardware as hw
+
+    monkeypatch.setattr(hw, "detect", lambda nvml=None: fake_facts(80, count=2, host_ram_gib=0.001))
+    sets = ["--set", "method=full", "--set", "deepspeed.stage=2", "--set", "deepspeed.offload_optimizer=true"]
+    one_error_line(invoke("plan", "--preset", "24gb", "--gpus", "2", *sets, "--out", "run"), 3, "host RAM per node")
+    assert not (work / "run").exists()
+    r = invoke("plan", "--preset", "24gb", "--set", "deepspeed.stage=2", "--out", "run")
+    assert r.exit_code == 0, r.output
+    assert "note: ZeRO-2 on one GPU shards nothing" in r.output
