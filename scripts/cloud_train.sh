@@ -28,6 +28,11 @@ read -r -a VRAMFIT <<<"${VRAMFIT:-vramfit}"
 
 for arg in "$@"; do
   case "$arg" in
+    -h | --help)
+      # The header above is the usage; `vramfit train --help` lists the arguments it passes on.
+      sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+      exit 0
+      ;;
     -o | --out | --out=* | -o?*)
       echo "error: cloud_train.sh fixes the run directory; set VRAMFIT_OUT instead of passing $arg" >&2
       exit 2

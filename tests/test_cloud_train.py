@@ -75,3 +75,11 @@ def test_cloud_script_refuses_out(tmp_path):
         r = run_script(tmp_path, "--preset", "cpu", *args)
         assert r.returncode == 2 and "set VRAMFIT_OUT instead" in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_prints_usage_and_runs_nothing(tmp_path):
+    script = REPO / "scripts" / "cloud_train.sh"
+    r = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("cloud_train.sh: detect, train and merge")
+    assert not list(tmp_path.iterdir())  # no run directory, no log
