@@ -503,7 +503,6 @@ def _probe(plan, target: Path, steps: int) -> None:
     ``target``, longest examples first (so the few steps meet the plan's peak), then
     report measured against predicted and delete the scratch directory."""
     import dataclasses
-    import os
     import shutil
     import tempfile
 
@@ -520,19 +519,13 @@ def _probe(plan, target: Path, steps: int) -> None:
     probe_plan = dataclasses.replace(plan, config=cfg)
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".vramfit-probe-", dir=target.parent))
-    old = os.environ.get("VRAMFIT_LONGEST_FIRST")
-    os.environ["VRAMFIT_LONGEST_FIRST"] = "1"
     try:
         run_dir = write_run_dir(probe_plan, scratch / "run")
         _print_plan(plan, verbose=False)
         typer.echo(f"probe: {steps} steps on the longest examples under the plan's budget (nothing is kept)")
-        code = execute(run_dir / "launch.sh", [])
+        code = execute(run_dir / "launch.sh", [], env={"VRAMFIT_LONGEST_FIRST": "1"})
         m = json.loads((run_dir / METRICS).read_text()) if (run_dir / METRICS).is_file() else {}
     finally:
-        if old is None:
-            os.environ.pop("VRAMFIT_LONGEST_FIRST", None)
-        else:
-            os.environ["VRAMFIT_LONGEST_FIRST"] = old
         shutil.rmtree(scratch, ignore_errors=True)
     if code == OOM_EXIT:
         raise FitError(

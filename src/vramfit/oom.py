@@ -11,7 +11,6 @@ from the last checkpoint. It gives up at micro-batch 1 or after MAX_RETRIES.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,12 @@ from typing import Any
 import yaml
 
 from .errors import TrainingFailed
+from .render import write_text_atomic
 
 OOM_EXIT = 5
 MAX_RETRIES = 3
 OOM_FILE = "oom.json"
 EVENTS = "events.jsonl"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def oom_events(run_dir: Path) -> list[dict[str, Any]]:
@@ -99,8 +93,8 @@ def adjust_after_oom(run_dir: Path) -> dict[str, Any]:
         "message": seen.get("message"),
     }
     # Training args first, plan last: plan.yaml is what a rerun compares against.
-    _write_atomic(args_file, json.dumps(args, indent=2) + "\n")
-    _write_atomic(run_dir / "plan.yaml", yaml.safe_dump(doc, sort_keys=False))
+    write_text_atomic(args_file, json.dumps(args, indent=2) + "\n")
+    write_text_atomic(run_dir / "plan.yaml", yaml.safe_dump(doc, sort_keys=False))
     with (run_dir / EVENTS).open("a", encoding="utf-8") as f:
         f.write(json.dumps(event) + "\n")
     (run_dir / OOM_FILE).unlink(missing_ok=True)

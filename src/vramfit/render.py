@@ -203,6 +203,15 @@ def plan_differences(doc: dict[str, Any], plan: Plan) -> list[str]:
     return [d for d in diffs if d != "launch.node_rank"]
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace one file of a run directory in a single rename: readers see the old
+    content or the new, never a torn one (metrics.json, oom.json, preempted.json, the
+    files OOM recovery rewrites)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_plan(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / PLAN_FILE
     if not path.is_file():

@@ -40,7 +40,7 @@ from .gpu_memory import MemoryMonitor, apply_budget
 from .model_source import load_tokenizer, resolve_model_dir
 from .preempt import PreemptionCallback
 from .quiet import quiet_libraries
-from .render import ADAPTER, CHECKPOINTS, METRICS, read_plan
+from .render import ADAPTER, CHECKPOINTS, METRICS, read_plan, write_text_atomic
 
 GIB = 1 << 30
 
@@ -341,9 +341,7 @@ def _mark_preempted(run_dir: Path, step: int | None, rank0: bool) -> None:
     torchrun) exit 1 whatever their ranks' codes, so `vramfit train` reads this note to
     still exit 75 for them."""
     if rank0:
-        tmp = run_dir / f".{PREEMPTED_MARK}.tmp"
-        tmp.write_text(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-        os.replace(tmp, run_dir / PREEMPTED_MARK)
+        write_text_atomic(run_dir / PREEMPTED_MARK, json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
 
 
 def _round(rate: float | None, world: int) -> float | None:
@@ -474,9 +472,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         **monitor.summary(),
     }
     if rank0:
-        tmp = run_dir / f".{METRICS}.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, run_dir / METRICS)
+        write_text_atomic(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
         log(f"saved {final}")
     return metrics
 
@@ -501,9 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         needed = _needed_at_oom(str(e))
         record = {"step": _PROGRESS.get("step"), "needed_gib": needed, "message": str(e).split(".")[0]}
         if int(os.environ.get("RANK", 0)) == 0:
-            tmp = a.run_dir / f".{OOM_FILE}.tmp"
-            tmp.write_text(json.dumps(record) + "\n")
-            os.replace(tmp, a.run_dir / OOM_FILE)
+            write_text_atomic(a.run_dir / OOM_FILE, json.dumps(record) + "\n")
         # Not an "error:" line: the launcher decides whether this ends the run (see oom.py).
         print(f"oom: CUDA out of memory at step {record['step']} ({record['message']})", file=sys.stderr)
         return OOM_EXIT
