@@ -225,7 +225,9 @@ def test_zero_with_two_gpus_predicts_less_per_gpu(stage, method):
     assert two.gradients <= one.gradients and two.optimizer < one.optimizer
     assert two.world_size == 2
     if stage == 3:
-        assert two.weights == pytest.approx(one.weights / 2)
+        # Sharded, plus the modules gathered whole while they compute (the same on any count).
+        gathered = max(Q7.embed_params, Q7.head_params) * 2
+        assert two.weights - gathered == pytest.approx((one.weights - gathered) / 2)
     else:
         assert two.weights == one.weights  # ZeRO-2 keeps the whole model on every GPU
 

@@ -22,6 +22,9 @@ class Command:
         return " ".join(shlex.quote(a) for a in self.argv)
 
 
+SHUTDOWN_TIMEOUT_S = 600
+
+
 def needs_launcher(cfg: RunConfig) -> bool:
     """Several processes, or DeepSpeed (which wants a distributed environment even alone)."""
     return cfg.world_size > 1 or cfg.deepspeed.stage > 0
@@ -33,6 +36,11 @@ def build_command(cfg: RunConfig, run_dir: str = "$RUN_DIR", python: str = "$PYT
     if not needs_launcher(cfg):
         return Command([python, "-m", "vramfit.train", run_dir], env)
     la = cfg.launch
+    # On SIGTERM, torch's elastic agent (under accelerate launch) passes the signal to
+    # the ranks, then kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default:
+    # less than a large ZeRO checkpoint takes to write. The trainer stops at the next
+    # step and saves; let the scheduler's own deadline be the one that counts.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     argv = [
         python, "-m", "accelerate.commands.launch",
         "--num_processes", str(cfg.world_size),

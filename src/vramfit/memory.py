@@ -171,21 +171,41 @@ def estimate(
         weights = shape.linear_params * _quant_bytes(cfg) + other * emb_bytes
     else:
         weights = shape.total_params * b
+    gathered = 0.0  # ZeRO-3: parameters gathered whole for the module computing now
     if stage == 3:
-        # Parameters are sharded; with offload only a few layers' worth live on GPU.
-        weights = weights / world if not cfg.deepspeed.offload_params else weights / max(shape.layers, 1) * 2
+        if cfg.deepspeed.offload_params:
+            weights = 0.0  # streamed in from host RAM; only the gathered modules are here
+        else:
+            weights = weights / world
+        # The layer being computed and the one prefetched, or the output head at the
+        # loss (the largest single module of a large-vocabulary model).
+        layer = (shape.linear_params / max(shape.layers, 1)) * (_quant_bytes(cfg) if cfg.method == "qlora" else b)
+        gathered = max(2 * layer, max(shape.head_params, shape.embed_params) * b)
 
-    # PEFT keeps adapter weights in fp32; full fine-tuning trains in the model dtype.
-    train_bytes = 4 if cfg.uses_adapter else b
-    adapters = n_train * train_bytes if cfg.uses_adapter else 0.0
-    gradients = n_train * train_bytes
-    optimizer, opt_temp = _optimizer_bytes(shape, cfg, n_train, train_bytes)
-    if stage >= 2:
-        gradients /= world
-        optimizer, opt_temp = (0.0, 0.0) if cfg.deepspeed.offload_optimizer else (optimizer / world, opt_temp / world)
+    if stage:
+        # DeepSpeed casts every parameter to the 16-bit dtype and keeps the fp32 copy
+        # it updates in the optimizer: fp32 master weights and Adam's two fp32 moments,
+        # 12 bytes per trainable parameter, partitioned over the ranks (stage >= 1) or
+        # offloaded to host RAM. Gradients accumulate in 16 bits (grad_accum_dtype is
+        # the model dtype), partitioned from stage 2, and the step works on an fp32
+        # copy of this rank's gradient partition.
+        adapters = n_train * b / (world if stage == 3 else 1) if cfg.uses_adapter else 0.0
+        gradients = n_train * b / (world if stage >= 2 else 1)
+        if stage >= 2:
+            # The reduce buckets (reduce_bucket_size "auto" = hidden^2 elements), two
+            # with overlap_comm.
+            gradients += 2 * shape.hidden * shape.hidden * b
         if cfg.deepspeed.offload_optimizer:
-            # ZeRO-Offload keeps fp32 gradient partitions on the host, bf16 buckets here.
-            gradients = min(gradients, 2 * 5e8 * b)
+            optimizer, opt_temp = 0.0, 0.0
+        else:
+            optimizer, opt_temp = 12 * n_train / world, 4 * n_train / world
+    else:
+        # PEFT keeps adapter weights in fp32; full fine-tuning trains in the model dtype.
+        train_bytes = 4 if cfg.uses_adapter else b
+        adapters = n_train * train_bytes if cfg.uses_adapter else 0.0
+        gradients = n_train * train_bytes
+        optimizer, opt_temp = _optimizer_bytes(shape, cfg, n_train, train_bytes)
+    weights += gathered
 
     seq = min(cfg.data.seq_len, longest) if longest else cfg.data.seq_len
     tokens = cfg.train.micro_batch * seq

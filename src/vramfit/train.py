@@ -271,6 +271,25 @@ def is_final(global_step: int, max_steps: int) -> bool:
     return max_steps > 0 and global_step >= max_steps
 
 
+def checkpoint_bytes(model, cfg: RunConfig) -> tuple[int, int]:
+    """(bytes of one checkpoint, bytes of the trainable weights as saved).
+
+    Without DeepSpeed: the trainable weights and Adam's two moments in their dtype (one
+    byte each for 8-bit optimizers). With DeepSpeed, the ZeRO shards add the fp32 master
+    weights and fp32 moments (12 bytes per trainable parameter, over all ranks) to the
+    16-bit weights the Trainer saves beside them.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Under ZeRO-3's zero.Init a parameter is an empty shard; ds_numel is its real size.
+    numel = [getattr(p, "ds_numel", p.numel()) for p in params]
+    trainable = sum(n * p.element_size() for n, p in zip(numel, params))
+    if cfg.deepspeed.stage:
+        half = sum(numel) * 2
+        return half + half + 12 * sum(numel), half
+    moments = sum(n * (1 if "8bit" in cfg.train.optimizer else p.element_size()) for n, p in zip(numel, params))
+    return trainable + 2 * moments, trainable
+
+
 def check_disk_for_checkpoints(run_dir: Path, model, cfg: RunConfig) -> None:
     """Refuse to start when the disk cannot hold the checkpoints the plan keeps.
 
@@ -280,10 +299,7 @@ def check_disk_for_checkpoints(run_dir: Path, model, cfg: RunConfig) -> None:
     run is too short to save that often; a preemption adds one), and the final
     output needs one more set of weights.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() * p.element_size() for p in params)
-    moments = sum(p.numel() * (1 if "8bit" in cfg.train.optimizer else p.element_size()) for p in params)
-    per_ckpt = trainable + 2 * moments
+    per_ckpt, trainable = checkpoint_bytes(model, cfg)
     kept = cfg.train.save_total_limit + 1
     if cfg.train.max_steps > 0:
         kept = min(kept, cfg.train.max_steps // cfg.train.save_steps + 1)
@@ -319,6 +335,14 @@ def lock_run_dir(run_dir: Path):
 
 # Trainer state that belongs to the checkpoint, not to the trained model.
 _STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "scaler.pt")
+# ... and DeepSpeed's: the per-rank ZeRO shards (global_stepN/), its pointer to them
+# and its consolidation script. The 16-bit weights the Trainer saved beside them are
+# already whole (stage3_gather_16bit_weights_on_model_save).
+_DEEPSPEED_STATE = ("latest", "zero_to_fp32.py")
+
+
+def _is_state(name: str) -> bool:
+    return name in _STATE_FILES or name in _DEEPSPEED_STATE or name.startswith(("rng_state", "global_step"))
 
 
 def promote_checkpoint(checkpoint: Path, tokenizer, run_dir: Path, name: str) -> Path:
@@ -326,7 +350,7 @@ def promote_checkpoint(checkpoint: Path, tokenizer, run_dir: Path, name: str) ->
     tmp, final = run_dir / f".{name}.tmp", run_dir / name
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(
-        checkpoint, tmp, ignore=lambda _d, names: [n for n in names if n in _STATE_FILES or n.startswith("rng_state")]
+        checkpoint, tmp, ignore=lambda _d, names: [n for n in names if _is_state(n)]
     )
     tokenizer.save_pretrained(str(tmp))
     os.rename(tmp, final)
@@ -401,13 +425,16 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         f" {s['n_dropped']} dropped (no response left)" + (f", {len(val_ds)} for validation" if val_ds is not None else "")
     )
 
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(doc, cfg, run_dir)
     args_dict = json.loads((run_dir / "training_args.json").read_text())
     args_dict["output_dir"] = str(run_dir / CHECKPOINTS)
     if args_dict.get("deepspeed"):
         args_dict["deepspeed"] = str(run_dir / args_dict["deepspeed"])
+    # Before the model: TrainingArguments with a ZeRO-3 config registers it globally, and
+    # from_pretrained then loads under deepspeed.zero.Init, each rank materializing only
+    # its shard. Loaded first, every process would hold the whole 16-bit model.
     args = TrainingArguments(**args_dict)
+    torch.manual_seed(cfg.train.seed)
+    model = load_model(doc, cfg, run_dir)
 
     trainer_ref: list = []
     progress = Progress(log, trainer_ref, monitor)
@@ -454,6 +481,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
             f"rerun the same command, or `vramfit train --resume --out {run_dir}`, to continue",
         )
     final = save_final(trainer, tokenizer, run_dir, final_name)
+    per_rank = _per_rank(monitor.summary())  # every rank takes part
 
     metrics = {
         "steps": trainer.state.global_step,
@@ -471,10 +499,28 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         "output": str(final),
         **monitor.summary(),
     }
+    if per_rank:
+        # Each GPU's own peak: ranks differ (rank 0 also gathers for saves), and a card
+        # OOMs on its own figure, so the largest is the one to compare with the plan.
+        metrics["per_rank"] = per_rank
+        metrics["max_rank_peak_process_gib"] = max((r.get("peak_process_gib") or 0) for r in per_rank)
+        metrics["max_rank_peak_reserved_gib"] = max((r.get("peak_reserved_gib") or 0) for r in per_rank)
     if rank0:
         write_text_atomic(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
         log(f"saved {final}")
     return metrics
+
+
+def _per_rank(summary: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every rank's memory summary, gathered to all (None with one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    mine = {"rank": dist.get_rank(), **summary}
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
