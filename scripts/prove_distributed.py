@@ -228,7 +228,8 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
     r = Runner(a.results)
-    archs = sorted({"zero2": "qwen2.5-7b", "qlora3": "qwen2.5-7b", "full3": "qwen2.5-3b", "offload": "qwen2.5-3b"}[c] for c in a.case)
+    which = {"zero2": "qwen2.5-7b", "qlora3": "qwen2.5-7b", "full3": "qwen2.5-3b", "offload": "qwen2.5-3b"}
+    archs = sorted({which[c] for c in a.case})
     inp = build_inputs(r, a.work, archs)
     import torch
 

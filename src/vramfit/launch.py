@@ -36,10 +36,11 @@ def build_command(cfg: RunConfig, run_dir: str = "$RUN_DIR", python: str = "$PYT
     if not needs_launcher(cfg):
         return Command([python, "-m", "vramfit.train", run_dir], env)
     la = cfg.launch
-    # On SIGTERM, torch's elastic agent (under accelerate launch) passes the signal to
-    # the ranks, then kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default:
-    # less than a large ZeRO checkpoint takes to write. The trainer stops at the next
-    # step and saves; let the scheduler's own deadline be the one that counts.
+    # A SIGTERM that reaches torch's elastic agent itself (a scheduler signalling every
+    # process) is passed to the ranks, which are killed TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    # later: 30 s by default, less than a large ZeRO checkpoint takes to write. Let the
+    # scheduler's own deadline be the one that counts (torch 2.13 reads this; 2.11, on our GPU machine, does not, and
+    # keeps 30 s: docs/reliability.md).
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     argv = [
         python, "-m", "accelerate.commands.launch",
@@ -83,6 +84,20 @@ def launch_script(cfg: RunConfig, python: str | None = None, extra_env: dict[str
     return "\n".join(lines) + "\n"
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc; empty elsewhere or if it has none)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return sorted(out)
+
+
 def execute(script: Path, extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> int:
     """Run launch.sh and wait; the trainer checkpoints on SIGTERM/SIGINT and exits 75.
 
@@ -90,12 +105,25 @@ def execute(script: Path, extra_args: list[str] | None = None, env: dict[str, st
     SIGTERM sent to this process alone (``kill PID``, a container's PID 1) is passed
     on to the trainer. SIGINT is not: Ctrl-C already reaches the whole foreground
     process group, and a second SIGINT tells the trainer to stop without saving.
+
+    Under a launcher (accelerate launch: launch.sh exec's it, its children are the
+    ranks) SIGTERM goes to the ranks themselves, not to the launcher: torch's elastic
+    agent answers a SIGTERM by killing the ranks 30 s later (fixed in torch 2.11;
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT from 2.13), which a large checkpoint save outlasts. The ranks save and exit 75,
+    and the launcher then exits on its own.
     """
+    launcher = "accelerate.commands.launch" in Path(script).read_text()
     proc = subprocess.Popen(["bash", str(script), *(extra_args or [])], env={**os.environ, **(env or {})})
 
     def forward(signum, _frame):
-        if signum == signal.SIGTERM:
-            proc.send_signal(signum)
+        if signum != signal.SIGTERM:
+            return
+        # Before the ranks exist (the launcher still starting), the launcher takes it.
+        for pid in (child_pids(proc.pid) if launcher else []) or [proc.pid]:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
