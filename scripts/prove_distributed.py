@@ -121,7 +121,7 @@ def kill_when_logged(proc: subprocess.Popen, run: Path, step: int, sig: int) -> 
     return None
 
 
-def case_zero2(r: Runner, inp: dict, work: Path, steps: int) -> dict:
+def case_zero2(r: Runner, inp: dict, work: Path, steps: int, only_one: bool = False) -> dict:
     common = ["--model", str(inp["qwen2.5-7b"]), "--data", str(inp["data"]), "--set", "data.seq_len=1024",
               "--set", f"train.max_steps={steps}", "--set", "train.save_steps=1000", "--set", "train.logging_steps=1"]  # fmt: skip
     runs = {"2gpu_zero2": work / "z2-2gpu", "1gpu": work / "z2-1gpu"}
@@ -133,9 +133,13 @@ def case_zero2(r: Runner, inp: dict, work: Path, steps: int) -> dict:
     }
     out: dict = {"case": "zero2", "global_batch": 16, "seq_len": 1024}
     for k, cmd in cmds.items():
+        if only_one and k != "1gpu":
+            continue  # the 2-GPU half came from an earlier call
         shutil.rmtree(runs[k], ignore_errors=True)
         rc, secs = r.run(cmd)
         out[k] = {"command": shlex.join(["vramfit", *cmd[3:]]), "exit": rc, "seconds": secs, **summary(runs[k])}
+    if only_one:
+        return out
     a, b = (out[k].get("metrics", {}).get("steady_tokens_per_s") for k in ("2gpu_zero2", "1gpu"))
     out["speedup"] = round(a / b, 3) if a and b else None
     la, lb = out["2gpu_zero2"]["losses"], out["1gpu"]["losses"]
@@ -145,7 +149,7 @@ def case_zero2(r: Runner, inp: dict, work: Path, steps: int) -> dict:
     return out
 
 
-def case_qlora3(r: Runner, inp: dict, work: Path, steps: int) -> dict:
+def case_qlora3(r: Runner, inp: dict, work: Path, steps: int, merge: bool = True) -> dict:
     run = work / "q3-2gpu"
     shutil.rmtree(run, ignore_errors=True)
     cmd = vramfit("train", "--preset", "multi-gpu", "--gpus", "2", "--model", str(inp["qwen2.5-7b"]), "--data", str(inp["data"]),
@@ -155,7 +159,7 @@ def case_qlora3(r: Runner, inp: dict, work: Path, steps: int) -> dict:
     out: dict = {"case": "qlora3"}
     rc, secs = r.run(cmd)
     out["train"] = {"command": shlex.join(["vramfit", *cmd[3:]]), "exit": rc, "seconds": secs, **summary(run)}
-    if rc == 0:
+    if rc == 0 and merge:
         merge = vramfit("merge", str(run))
         rc, secs = r.run(merge)
         out["merge"] = {"command": shlex.join(["vramfit", *merge[3:]]), "exit": rc, "seconds": secs,
@@ -218,7 +222,8 @@ def case_offload(r: Runner, inp: dict, work: Path, steps: int, budget: float) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", action="append", required=True, choices=["zero2", "qlora3", "full3", "offload"])
+    ap.add_argument("--case", action="append", required=True, choices=["zero2", "zero2-1gpu", "qlora3", "full3", "offload"])
+    ap.add_argument("--no-merge", action="store_true", help="qlora3: skip the merge")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--kill-at", type=int, default=3)
     ap.add_argument("--budget", type=float, default=8)
@@ -228,7 +233,7 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
     r = Runner(a.results)
-    which = {"zero2": "qwen2.5-7b", "qlora3": "qwen2.5-7b", "full3": "qwen2.5-3b", "offload": "qwen2.5-3b"}
+    which = {"zero2": "qwen2.5-7b", "zero2-1gpu": "qwen2.5-7b", "qlora3": "qwen2.5-7b", "full3": "qwen2.5-3b", "offload": "qwen2.5-3b"}
     archs = sorted({which[c] for c in a.case})
     inp = build_inputs(r, a.work, archs)
     import torch
@@ -238,10 +243,10 @@ def main() -> int:
     ok = True
     for c in a.case:
         t = time.perf_counter()
-        if c == "zero2":
-            res = case_zero2(r, inp, a.work, a.steps)
+        if c in ("zero2", "zero2-1gpu"):
+            res = case_zero2(r, inp, a.work, a.steps, only_one=c == "zero2-1gpu")
         elif c == "qlora3":
-            res = case_qlora3(r, inp, a.work, min(a.steps, 6))
+            res = case_qlora3(r, inp, a.work, min(a.steps, 6), merge=not a.no_merge)
         elif c == "full3":
             res = case_full3(r, inp, a.work, a.steps, a.kill_at)
         else:

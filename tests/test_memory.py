@@ -10,7 +10,7 @@ from conftest import QWEN7B_CONFIG
 from vramfit.config import RunConfig
 from vramfit.errors import FitError
 from vramfit.hardware import fake_facts
-from vramfit.memory import CUDA_CONTEXT_GIB, GIB, MemoryBreakdown, estimate
+from vramfit.memory import CUDA_CONTEXT_GIB, GIB, NCCL_GIB, MemoryBreakdown, estimate
 from vramfit.model_shape import shape_from_config
 from vramfit.plan import build_plan, require_fit, suggest_fit
 from vramfit.presets import resolve_layers
@@ -221,7 +221,9 @@ def test_checkpointing_never_costs_more(seq, mb, method):
 def test_zero_with_two_gpus_predicts_less_per_gpu(stage, method):
     one = estimate(Q7, cfg(method=method, deepspeed={"stage": stage}, launch={"gpus": 1}))
     two = estimate(Q7, cfg(method=method, deepspeed={"stage": stage}, launch={"gpus": 2}))
-    assert two.peak < one.peak
+    # Less in the allocator; more outside it (NCCL's buffers, measured on 2 H200s).
+    assert two.peak - two.cuda_context < one.peak - one.cuda_context
+    assert two.cuda_context == pytest.approx(one.cuda_context + NCCL_GIB * GIB)
     assert two.gradients <= one.gradients and two.optimizer < one.optimizer
     assert two.world_size == 2
     if stage == 3:
@@ -235,7 +237,7 @@ def test_zero_with_two_gpus_predicts_less_per_gpu(stage, method):
 def test_plain_data_parallel_does_not_shard():
     one = estimate(Q7, cfg(launch={"gpus": 1}))
     two = estimate(Q7, cfg(launch={"gpus": 2}))
-    assert two.peak == one.peak
+    assert two.peak - two.cuda_context == one.peak - one.cuda_context
 
 
 def test_offload_moves_optimizer_and_params_off_gpu():

@@ -59,6 +59,7 @@ class MemoryMonitor:
         # What the process holds outside the caching allocator (CUDA context, cuBLAS/
         # cuDNN handles, NCCL): NVML's figure minus the allocator's reserved bytes.
         self.outside_peak: int | None = None
+        self.setup_peak: int | None = None  # allocator peak before the first step
 
     def sample(self) -> None:
         if not self.cuda:
@@ -106,6 +107,7 @@ class MemoryMonitor:
             "peak_nvml_sampled_gib": round(self.nvml_peak / GIB, 3) if self.nvml_peak else None,
             "outside_allocator_gib": round(self.outside_peak / GIB, 3) if self.outside_peak is not None else None,
             "cuda_context_gib": round(self.context_bytes / GIB, 3) if self.context_bytes else None,
+            "setup_peak_allocated_gib": round(self.setup_peak / GIB, 3) if self.setup_peak else None,
         }
 
 

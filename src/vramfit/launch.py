@@ -73,6 +73,11 @@ def launch_script(cfg: RunConfig, python: str | None = None, extra_env: dict[str
         lines.append("# On node k of a multi-node run: NODE_RANK=k bash launch.sh")
     for k, v in sorted(cmd.env.items()):
         lines.append(f"export {k}={shlex.quote(v)}")
+    if not needs_launcher(cfg):
+        # One process, one GPU: the first visible. Shown several, the HF Trainer would
+        # spread this process over all of them with DataParallel, which the plan does
+        # not describe (and which breaks non-reentrant checkpointing's recompute).
+        lines.append('export CUDA_VISIBLE_DEVICES="$(printf %s "${CUDA_VISIBLE_DEVICES:-0}" | cut -d, -f1)"')
     # Quote everything except our own shell variables, which must expand.
     parts = []
     for a in cmd.argv:

@@ -37,6 +37,10 @@ INT8_BYTES = 1.0 + 4 / 4096  # LLM.int8 row-wise scales, roughly
 # and workspaces. NVML minus the allocator's reserved bytes read 0.74 GiB in every
 # calibration run (H100 and H200, torch 2.11 + CUDA 13).
 CUDA_CONTEXT_GIB = 0.75
+# With several ranks, NCCL's buffers and communicators also live outside the
+# allocator: NVML minus reserved read 2.04 GiB per rank on 2 H200s (ZeRO-2 and
+# ZeRO-3 alike), 1.29 GiB more than one process alone.
+NCCL_GIB = 1.29
 
 # The loss over full-vocabulary logits, per token and vocabulary entry, at its peak
 # (the backward of cross-entropy): the fp32 upcast's log-softmax kept for backward,
@@ -237,7 +241,7 @@ def estimate(
         activations=parts["activations"],
         logits=parts["logits"],
         allocator_slack=loss_slack if phase == "loss" else OTHER_SLACK * allocated,
-        cuda_context=CUDA_CONTEXT_GIB * GIB if device == "cuda" else 0.0,
+        cuda_context=((CUDA_CONTEXT_GIB + (NCCL_GIB if world > 1 else 0.0)) * GIB) if device == "cuda" else 0.0,
         trainable_params=n_train,
         world_size=world,
         phase=phase,

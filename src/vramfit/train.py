@@ -143,6 +143,10 @@ class Progress(TrainerCallback):
         self.losses: list[float] = []
 
     def on_train_begin(self, args, state, control, **kw):
+        if self.monitor.cuda:
+            # Loading, quantizing and (under DeepSpeed) partitioning are done by now: the
+            # peak so far is theirs, which ZeRO-3 can make the run's peak.
+            self.monitor.setup_peak = torch.cuda.max_memory_allocated()
         self.t0 = self.last_t = time.perf_counter()
         self.start_step = state.global_step
         self.step_marks: list[tuple[float, int]] = []
