@@ -2,7 +2,9 @@
 """Predicted against measured: docs/benchmarks/memory-calibration.csv, the error table and plot.
 
 Reads the raw GPU measurements (docs/benchmarks/calibration/calibration.jsonl, written
-by scripts/calibrate_memory.py) and predicts each configuration again with the
+by scripts/calibrate_memory.py, and the multi-GPU runs in
+docs/benchmarks/distributed/distributed.jsonl, written by scripts/prove_distributed.py:
+their largest per-rank peak) and predicts each configuration again with the
 current memory model, so the CSV always shows the model as it is in this checkout.
 No GPU needed. Measured = the process's peak (allocator peak reserved + memory
 outside the allocator, from NVML).
@@ -33,7 +35,7 @@ from vramfit.presets import load_preset, parse_set, resolve  # noqa: E402
 FIELDS = (
     "arch,method,lora_r,targets,micro_batch,seq_len,grad_ckpt,optimizer,zero_stage,gpus,"
     "predicted_gib,measured_gib,error_pct,peak_phase,measured_reserved_gib,measured_allocated_gib,"
-    "outside_allocator_gib,tokens_per_s,gpu,torch,transformers,peft,bitsandbytes,date,command"
+    "outside_allocator_gib,tokens_per_s,gpu,torch,transformers,peft,bitsandbytes,date,source,command"
 ).split(",")
 
 
@@ -70,10 +72,86 @@ def rows(raw: Path) -> list[dict]:
                 "gpu": r["gpu"],
                 **{k: r["versions"].get(k) for k in ("torch", "transformers", "peft", "bitsandbytes")},
                 "date": r["date"],
+                "source": "matrix",
                 "command": r["command"],
             }
         )
     return out
+
+
+def _resolve_command(command: str):
+    """The RunConfig a `vramfit train` command line planned (preset, --gpus, --set)."""
+    import shlex
+
+    from vramfit.presets import resolve
+
+    argv = shlex.split(command)
+    preset, sets, flags = "24gb", [], {}
+    for i, a in enumerate(argv):
+        if a == "--preset":
+            preset = argv[i + 1]
+        elif a == "--set":
+            sets.append(argv[i + 1])
+        elif a == "--gpus":
+            flags.setdefault("launch", {})["gpus"] = int(argv[i + 1])
+        elif a == "--budget":
+            flags["budget_gib"] = float(argv[i + 1])
+    return resolve([(preset, load_preset(preset).values), ("flag", flags), ("--set", parse_set(sets))]).config
+
+
+def distributed_rows(raw: Path) -> list[dict]:
+    """One row per multi-GPU training run that finished, its largest per-rank peak as measured."""
+    out = []
+    for line in raw.read_text().splitlines() if raw.is_file() else []:
+        r = json.loads(line)
+        runs = [r[k] for k in ("2gpu_zero2", "1gpu", "train") if isinstance(r.get(k), dict)]
+        if r["case"] == "full3":
+            runs = [r]
+        for run in runs:
+            m = run.get("metrics") or {}
+            if not m.get("peak_process_gib"):
+                continue
+            cfg = _resolve_command(run["command"])
+            arch = Path(shlex_model(run["command"])).name
+            shape = load_shape(str(ROOT / f"scripts/archs/{arch}.json"))
+            b = estimate(shape, cfg, "bfloat16", "cuda")
+            measured = m.get("max_rank_peak_process_gib") or m["peak_process_gib"]
+            targets = cfg.lora.target_modules
+            out.append(
+                {
+                    "arch": arch,
+                    "method": cfg.method,
+                    "lora_r": cfg.lora.r if cfg.method != "full" else 0,
+                    "targets": "all" if targets == "all-linear" else "+".join(targets),
+                    "micro_batch": cfg.train.micro_batch,
+                    "seq_len": cfg.data.seq_len,
+                    "grad_ckpt": cfg.train.grad_ckpt,
+                    "optimizer": cfg.train.optimizer,
+                    "zero_stage": cfg.deepspeed.stage,
+                    "gpus": cfg.world_size,
+                    "predicted_gib": round(b.peak_gib, 3),
+                    "measured_gib": measured,
+                    "error_pct": round(100 * (b.peak_gib - measured) / measured, 2),
+                    "peak_phase": b.phase,
+                    "measured_reserved_gib": m.get("max_rank_peak_reserved_gib") or m["peak_reserved_gib"],
+                    "measured_allocated_gib": m["peak_allocated_gib"],
+                    "outside_allocator_gib": m.get("outside_allocator_gib"),
+                    "tokens_per_s": m.get("steady_tokens_per_s"),
+                    "gpu": m.get("device"),
+                    **{k: r["versions"].get(k) for k in ("torch", "transformers", "peft", "bitsandbytes")},
+                    "date": r["date"],
+                    "source": "distributed",
+                    "command": run["command"],
+                }
+            )
+    return out
+
+
+def shlex_model(command: str) -> str:
+    import shlex
+
+    argv = shlex.split(command)
+    return argv[argv.index("--model") + 1]
 
 
 def summary(table: list[dict]) -> dict:
@@ -119,8 +197,11 @@ def main() -> int:
     ap.add_argument("--raw", type=Path, default=ROOT / "docs/benchmarks/calibration/calibration.jsonl")
     ap.add_argument("--csv", type=Path, default=ROOT / "docs/benchmarks/memory-calibration.csv")
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--distributed", type=Path, default=ROOT / "docs/benchmarks/distributed/distributed.jsonl")
     a = ap.parse_args()
-    table = rows(a.raw)
+    matrix = rows(a.raw)
+    extra = distributed_rows(a.distributed)
+    table = matrix + extra
     tmp = a.csv.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -129,15 +210,24 @@ def main() -> int:
     tmp.replace(a.csv)
     print("| arch | method | r | targets | mb | seq | ckpt | optimizer | predicted | measured | error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(table, key=lambda r: (r["arch"], r["method"], r["seq_len"] * r["micro_batch"])):
+    for r in sorted(matrix, key=lambda r: (r["arch"], r["method"], r["seq_len"] * r["micro_batch"])):
         print(
             f"| {r['arch']} | {r['method']} | {r['lora_r'] or '-'} | {r['targets'] if r['method'] != 'full' else '-'} | {r['micro_batch']} "
             f"| {r['seq_len']} | {'on' if r['grad_ckpt'] else 'off'} | {r['optimizer']} | {r['predicted_gib']:.2f} "
             f"| {r['measured_gib']:.2f} | {r['error_pct']:+.1f}% |"
         )
-    print(json.dumps(summary(table)))
+    print(json.dumps(summary(matrix)))
+    if extra:
+        print("\nmulti-GPU runs (largest per-rank peak):")
+        print("| arch | method | ZeRO | GPUs | seq | predicted | measured | error |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in extra:
+            print(
+                f"| {r['arch']} | {r['method']} | {r['zero_stage']} | {r['gpus']} | {r['seq_len']} | {r['predicted_gib']:.2f} "
+                f"| {r['measured_gib']:.2f} | {r['error_pct']:+.1f}% |"
+            )
     if a.plot:
-        plot(table, a.plot)
+        plot(matrix, a.plot)
     return 0
 
 

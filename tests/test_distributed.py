@@ -313,3 +313,9 @@ def test_offload_refusal_through_cli_is_exit_3(work, monkeypatch):
     r = invoke("plan", "--preset", "24gb", "--set", "deepspeed.stage=2", "--out", "run")
     assert r.exit_code == 0, r.output
     assert "note: ZeRO-2 on one GPU shards nothing" in r.output
+
+
+def test_qlora_under_zero3_carries_the_measured_under_prediction():
+    plan = plan_for(["method=qlora", "deepspeed.stage=3", "launch.gpus=2"])
+    notes = plan.notes
+    assert any("QLoRA under ZeRO-3 is under-predicted" in n and "13.9" in n for n in notes)

@@ -10,7 +10,7 @@ from conftest import QWEN7B_CONFIG
 from vramfit.config import RunConfig
 from vramfit.errors import FitError
 from vramfit.hardware import fake_facts
-from vramfit.memory import CUDA_CONTEXT_GIB, GIB, NCCL_GIB, MemoryBreakdown, estimate
+from vramfit.memory import CUDA_CONTEXT_GIB, GIB, NCCL_GIB, ZERO3_MAX_LIVE_ELEMENTS, MemoryBreakdown, estimate
 from vramfit.model_shape import shape_from_config
 from vramfit.plan import build_plan, require_fit, suggest_fit
 from vramfit.presets import resolve_layers
@@ -227,8 +227,8 @@ def test_zero_with_two_gpus_predicts_less_per_gpu(stage, method):
     assert two.gradients <= one.gradients and two.optimizer < one.optimizer
     assert two.world_size == 2
     if stage == 3:
-        # Sharded, plus the modules gathered whole while they compute (the same on any count).
-        gathered = max(Q7.embed_params, Q7.head_params) * 2
+        # Sharded, plus the parameters gathered whole while they compute (the same on any count).
+        gathered = ZERO3_MAX_LIVE_ELEMENTS * 2
         assert two.weights - gathered == pytest.approx((one.weights - gathered) / 2)
     else:
         assert two.weights == one.weights  # ZeRO-2 keeps the whole model on every GPU
@@ -360,3 +360,23 @@ def test_dtype_follows_card():
     assert plan_for("24gb", fake_facts(24, cc=(8, 0))).dtype == "bfloat16"
     assert plan_for("24gb", fake_facts(24, cc=(7, 5))).dtype == "float16"
     assert plan_for("24gb", fake_facts(24), set_items=["model.dtype=float32"]).dtype == "float32"
+
+
+def test_multi_gpu_measurements_are_predicted_except_the_flagged_qlora_zero3():
+    """The 2-GPU runs (docs/benchmarks/distributed/), largest per-rank peak, predicted again
+    by this checkout's model: ZeRO-2 LoRA and ZeRO-3 full fine-tuning within 5%. QLoRA under
+    ZeRO-3 is a known under-prediction, which the plan states (see test_distributed)."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    from calibration_report import distributed_rows
+
+    table = distributed_rows(root / "docs/benchmarks/distributed/distributed.jsonl")
+    assert {(r["zero_stage"], r["method"]) for r in table} >= {(2, "lora"), (3, "full"), (3, "qlora")}
+    for r in table:
+        if (r["zero_stage"], r["method"]) == (3, "qlora"):
+            assert r["error_pct"] < -20  # if this starts passing, the model learned it: drop the plan's note
+        else:
+            assert abs(r["error_pct"]) <= 5, r

@@ -37,6 +37,8 @@ INT8_BYTES = 1.0 + 4 / 4096  # LLM.int8 row-wise scales, roughly
 # and workspaces. NVML minus the allocator's reserved bytes read 0.74 GiB in every
 # calibration run (H100 and H200, torch 2.11 + CUDA 13).
 CUDA_CONTEXT_GIB = 0.75
+# ZeRO-3's stage3_max_live_parameters in configs/deepspeed/zero3*.json.
+ZERO3_MAX_LIVE_ELEMENTS = 1e9
 # With several ranks, NCCL's buffers and communicators also live outside the
 # allocator: NVML minus reserved read 2.04 GiB per rank on 2 H200s (ZeRO-2 and
 # ZeRO-3 alike), 1.29 GiB more than one process alone.
@@ -175,16 +177,15 @@ def estimate(
         weights = shape.linear_params * _quant_bytes(cfg) + other * emb_bytes
     else:
         weights = shape.total_params * b
-    gathered = 0.0  # ZeRO-3: parameters gathered whole for the module computing now
+    step_slack = 0.0  # reserved but not allocated at the optimizer step, beyond OTHER_SLACK
+    gathered = 0.0  # ZeRO-3: parameters gathered whole for the modules computing now
     if stage == 3:
-        if cfg.deepspeed.offload_params:
-            weights = 0.0  # streamed in from host RAM; only the gathered modules are here
-        else:
-            weights = weights / world
-        # The layer being computed and the one prefetched, or the output head at the
-        # loss (the largest single module of a large-vocabulary model).
-        layer = (shape.linear_params / max(shape.layers, 1)) * (_quant_bytes(cfg) if cfg.method == "qlora" else b)
-        gathered = max(2 * layer, max(shape.head_params, shape.embed_params) * b)
+        unsharded = weights
+        weights = 0.0 if cfg.deepspeed.offload_params else weights / world
+        # configs/deepspeed/zero3*.json keep up to stage3_max_live_parameters (1e9)
+        # elements gathered at once, and with stage3_max_reuse_distance as large they
+        # are kept, not re-fetched: in steady state the whole allowance is in use.
+        gathered = min(ZERO3_MAX_LIVE_ELEMENTS * b, unsharded)
 
     if stage:
         # DeepSpeed casts every parameter to the 16-bit dtype and keeps the fp32 copy
@@ -203,6 +204,10 @@ def estimate(
             optimizer, opt_temp = 0.0, 0.0
         else:
             optimizer, opt_temp = 12 * n_train / world, 4 * n_train / world
+            if stage == 3:
+                # Measured (full 3B, 2 H200s): the allocator also keeps a second fp32
+                # gradient partition's worth reserved after the step.
+                step_slack = 4 * n_train / world
     else:
         # PEFT keeps adapter weights in fp32; full fine-tuning trains in the model dtype.
         train_bytes = 4 if cfg.uses_adapter else b
@@ -230,8 +235,13 @@ def estimate(
         ),
         "optimizer step": (base + gradients + opt_temp, {"gradients": gradients, "optimizer": optimizer + opt_temp}),
     }
-    phase = max(phases, key=lambda k: phases[k][0] + (loss_slack if k == "loss" else OTHER_SLACK * phases[k][0]))
-    allocated, live = phases[phase]
+    slack = {
+        "loss": loss_slack,
+        "backward": OTHER_SLACK * phases["backward"][0],
+        "optimizer step": OTHER_SLACK * phases["optimizer step"][0] + step_slack,
+    }
+    phase = max(phases, key=lambda k: phases[k][0] + slack[k])
+    _, live = phases[phase]
     parts = {"gradients": 0.0, "activations": 0.0, "logits": 0.0, "optimizer": optimizer, **live}
     return MemoryBreakdown(
         weights=weights,
@@ -240,7 +250,7 @@ def estimate(
         optimizer=parts["optimizer"],
         activations=parts["activations"],
         logits=parts["logits"],
-        allocator_slack=loss_slack if phase == "loss" else OTHER_SLACK * allocated,
+        allocator_slack=slack[phase],
         cuda_context=((CUDA_CONTEXT_GIB + (NCCL_GIB if world > 1 else 0.0)) * GIB) if device == "cuda" else 0.0,
         trainable_params=n_train,
         world_size=world,

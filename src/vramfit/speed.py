@@ -62,6 +62,13 @@ MATMUL_EFFICIENCY = 1 / 1.194  # fraction of the dense peak the matrix work reac
 DEQUANT_S_PER_TPARAM_PASS = 3.05  # seconds per 1e12 dequantized weights
 LAYER_PASS_S = 4.47e-3  # seconds of overhead per decoder layer per pass
 LOSS_S_PER_TLOGIT = 0.0  # the loss's own time: fitted to zero (inside the matrix term's efficiency)
+# ZeRO-3 all-gathers every parameter for each pass (forward, backward, and the
+# checkpointed recompute): seconds per GB of (unsharded) weights per pass. Fitted on
+# one run each on 2 H200s (docs/benchmarks/distributed/): full fine-tuning of the 3B
+# (16-bit weights) and QLoRA on the 7B (4-bit weights stored as bf16, whose gathers
+# also dequantize). In-sample, so the first ZeRO-3 speed predictions of another
+# shape are an extrapolation.
+ZERO3_S_PER_GB_PASS = {"16bit": 0.0321, "4bit": 0.100}
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,13 @@ def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tfl
         seconds += scale * DEQUANT_S_PER_TPARAM_PASS * passes * shape.linear_params * 1e-12
     seconds += scale * LAYER_PASS_S * passes * shape.layers
     seconds += scale * LOSS_S_PER_TLOGIT * tokens * shape.vocab * 1e-12
+    if cfg.deepspeed.stage == 3:
+        if cfg.method == "qlora":
+            other = shape.embed_params + shape.head_params + shape.norm_params
+            gb = (shape.linear_params * 0.5 + other * 2) / 1e9
+            seconds += ZERO3_S_PER_GB_PASS["4bit"] * passes * gb
+        else:
+            seconds += ZERO3_S_PER_GB_PASS["16bit"] * passes * shape.total_params * 2 / 1e9
     return seconds
 
 
