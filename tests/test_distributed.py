@@ -319,3 +319,22 @@ def test_qlora_under_zero3_carries_the_measured_under_prediction():
     plan = plan_for(["method=qlora", "deepspeed.stage=3", "launch.gpus=2"])
     notes = plan.notes
     assert any("QLoRA under ZeRO-3 is under-predicted" in n and "13.9" in n for n in notes)
+
+
+def test_fused_loss_renders_only_the_liger_loss(work):
+    from vramfit.render import training_args
+
+    plan = plan_for(["kernels.fused_loss=true"], facts=fake_facts(24))
+    args = training_args(plan)
+    assert args["use_liger_kernel"] is True
+    assert args["liger_kernel_config"] == {
+        "fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "swiglu": False, "rope": False,
+    }  # fmt: skip
+    assert "use_liger_kernel" not in training_args(plan_for([], facts=fake_facts(24)))
+
+
+def test_fused_loss_refused_without_gpu_and_for_unsupported_architectures(no_gpu_facts):
+    with pytest.raises(FitError, match="fused_loss needs an NVIDIA GPU"):
+        plan_for(["kernels.fused_loss=true"], facts=no_gpu_facts)
+    with pytest.raises(ConfigError, match="no fused loss for"):
+        plan_for(["kernels.fused_loss=true"], shape=dataclasses.replace(QWEN7B, model_type="gpt2"), facts=fake_facts(24))

@@ -10,7 +10,7 @@ from conftest import QWEN7B_CONFIG
 from vramfit.config import RunConfig
 from vramfit.errors import FitError
 from vramfit.hardware import fake_facts
-from vramfit.memory import CUDA_CONTEXT_GIB, GIB, NCCL_GIB, ZERO3_MAX_LIVE_ELEMENTS, MemoryBreakdown, estimate
+from vramfit.memory import CUDA_CONTEXT_GIB, GIB, NCCL_GIB, ZERO3_MAX_LIVE_ELEMENTS, MemoryBreakdown, estimate, fused_loss_bytes
 from vramfit.model_shape import shape_from_config
 from vramfit.plan import build_plan, require_fit, suggest_fit
 from vramfit.presets import resolve_layers
@@ -380,3 +380,29 @@ def test_multi_gpu_measurements_are_predicted_except_the_flagged_qlora_zero3():
             assert r["error_pct"] < -20  # if this starts passing, the model learned it: drop the plan's note
         else:
             assert abs(r["error_pct"]) <= 5, r
+
+
+# ---------------------------------------------------------------- fused loss
+
+
+@pytest.mark.parametrize("seq", [512, 4096, 16384])
+def test_fused_loss_replaces_full_vocabulary_logits(seq):
+    plain = estimate(Q7, cfg(method="qlora", data={"seq_len": seq}))
+    fused = estimate(Q7, cfg(method="qlora", data={"seq_len": seq}, kernels={"fused_loss": True}))
+    assert fused.peak < plain.peak
+    # Without it the loss holds 12 bytes per token and vocabulary entry; with it, about
+    # two chunks of logits the size of the hidden states, plus the input's gradient.
+    assert fused_loss_bytes(Q7, seq, 2, False) < seq * Q7.vocab * 12 / 10
+    assert fused_loss_bytes(Q7, seq, 2, False) >= seq * Q7.hidden * 2
+
+
+def test_fused_loss_counts_a_trainable_head_gradient():
+    assert fused_loss_bytes(Q7, 1024, 2, True) - fused_loss_bytes(Q7, 1024, 2, False) == Q7.vocab * Q7.hidden * 4
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(seq=st.integers(64, 32768), mb=st.integers(1, 8))
+def test_fused_loss_more_tokens_never_predicts_less(seq, mb):
+    a = estimate(Q7, cfg(method="qlora", data={"seq_len": seq}, train={"micro_batch": mb}, kernels={"fused_loss": True}))
+    b = estimate(Q7, cfg(method="qlora", data={"seq_len": seq + 64}, train={"micro_batch": mb}, kernels={"fused_loss": True}))
+    assert b.peak >= a.peak

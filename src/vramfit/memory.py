@@ -19,6 +19,7 @@ scripts/calibrate_memory.py re-measures them when the stack changes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import RunConfig
@@ -37,6 +38,9 @@ INT8_BYTES = 1.0 + 4 / 4096  # LLM.int8 row-wise scales, roughly
 # and workspaces. NVML minus the allocator's reserved bytes read 0.74 GiB in every
 # calibration run (H100 and H200, torch 2.11 + CUDA 13).
 CUDA_CONTEXT_GIB = 0.75
+# The fused loss's chunk of logits and its gradient, computed in place: copies of one
+# chunk (chunk x vocab, 16-bit) alive at once. Not yet measured on a GPU.
+FUSED_CHUNK_COPIES = 2
 # ZeRO-3's stage3_max_live_parameters in configs/deepspeed/zero3*.json.
 ZERO3_MAX_LIVE_ELEMENTS = 1e9
 # With several ranks, NCCL's buffers and communicators also live outside the
@@ -157,6 +161,20 @@ def _optimizer_bytes(shape: ModelShape, cfg: RunConfig, n_train: int, state_byte
     return n_train * 2 * state_bytes, temp
 
 
+def fused_loss_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, head_trainable: bool) -> float:
+    """liger-kernel's fused linear cross-entropy (liger_kernel.ops.fused_linear_cross_entropy):
+    logits exist one chunk of tokens at a time, the chunk sized so it holds about as many
+    elements as the hidden states (next power of two of tokens / ceil(vocab / hidden));
+    the input's gradient is computed in the forward pass and kept (tokens x hidden), with
+    the fp32 per-token loss; a trainable head adds its fp32 weight gradient."""
+    inc = -(-shape.vocab // shape.hidden)
+    chunk = min(1 << max(0, math.ceil(math.log2(max(1, -(-tokens // inc))))), tokens)
+    total = chunk * shape.vocab * dtype_bytes * FUSED_CHUNK_COPIES + tokens * shape.hidden * dtype_bytes + tokens * 4
+    if head_trainable:
+        total += shape.vocab * shape.hidden * 4
+    return total
+
+
 def estimate(
     shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", device: str = "cuda", longest: int | None = None
 ) -> MemoryBreakdown:
@@ -221,10 +239,14 @@ def estimate(
     layer_acts = layer_activation_bytes(shape, cfg, b) * seq / cfg.data.seq_len
     ckpt_inputs = shape.layers * tokens * shape.hidden * b
     saved = ckpt_inputs if cfg.train.grad_ckpt else shape.layers * layer_acts
-    logits = tokens * shape.vocab * LOSS_BYTES
-    fp32_logits = tokens * shape.vocab * 4
-    knee = LOSS_SLACK_KNEE_GIB * GIB
-    loss_slack = fp32_logits if fp32_logits <= knee else knee + LOSS_SLACK_ABOVE * (fp32_logits - knee)
+    if cfg.kernels.fused_loss:
+        logits = fused_loss_bytes(shape, tokens, b, head_trainable=cfg.method == "full")
+        loss_slack = OTHER_SLACK * logits
+    else:
+        logits = tokens * shape.vocab * LOSS_BYTES
+        fp32_logits = tokens * shape.vocab * 4
+        knee = LOSS_SLACK_KNEE_GIB * GIB
+        loss_slack = fp32_logits if fp32_logits <= knee else knee + LOSS_SLACK_ABOVE * (fp32_logits - knee)
 
     base = weights + adapters + optimizer
     phases = {

@@ -11,7 +11,7 @@ from typing import Any
 from . import distributed
 from .config import RunConfig
 from .embedded import EMBEDDED_MODEL
-from .errors import FitError, ModelError
+from .errors import ConfigError, FitError, ModelError
 from .hardware import HardwareFacts
 from .memory import GIB, MemoryBreakdown, estimate
 from .model_shape import ModelShape
@@ -91,6 +91,15 @@ def resolve_dtype(requested: str, facts: HardwareFacts) -> str:
     return "bfloat16" if all(g.bf16 for g in facts.gpus) else "float16"
 
 
+# Architectures liger-kernel (0.8) patches, text decoders only
+# (liger_kernel.transformers.monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN). Kept here, not
+# imported: planning must not import Triton.
+LIGER_MODEL_TYPES = frozenset(
+    "deepseek_v2 deepseek_v3 exaone4 falcon_h1 gemma gemma2 gemma3_text glm4 granite llama llama4_text ministral "
+    "mistral mixtral nemotron olmo2 olmo3 phi3 qwen2 qwen3 qwen3_moe smollm3".split()
+)
+
+
 def build_plan(
     config: RunConfig,
     shape: ModelShape,
@@ -115,6 +124,17 @@ def build_plan(
             f"DeepSpeed ZeRO-{config.deepspeed.stage} needs NVIDIA GPUs and none was found",
             "use --preset cpu here, or run this plan on a GPU machine",
         )
+    if config.kernels.fused_loss:
+        if not facts.has_gpu:
+            raise FitError(
+                "kernels.fused_loss needs an NVIDIA GPU (liger-kernel's Triton kernels)",
+                "use --set kernels.fused_loss=false here",
+            )
+        if shape.model_type not in LIGER_MODEL_TYPES:
+            raise ConfigError(
+                f"kernels.fused_loss: liger-kernel has no fused loss for {shape.model_type} models",
+                "use --set kernels.fused_loss=false",
+            )
     dtype = resolve_dtype(config.model.dtype, facts)
     # Known-bad distributed/offload combinations fail here, before anything launches.
     notes: list[str] = distributed.check(config, shape, facts, dtype)

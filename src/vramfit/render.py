@@ -69,6 +69,17 @@ def training_args(plan: Plan) -> dict[str, Any]:
     }
     if c.deepspeed.stage:
         args["deepspeed"] = "deepspeed.json"
+    if c.kernels.fused_loss:
+        # The Trainer patches the model with liger-kernel (transformers.integrations.liger);
+        # only the kernels asked for, so the memory model knows what runs.
+        args["use_liger_kernel"] = True
+        args["liger_kernel_config"] = {
+            "fused_linear_cross_entropy": True,
+            "cross_entropy": False,
+            "rms_norm": False,
+            "swiglu": False,
+            "rope": False,
+        }
     if c.world_size > 1:
         args["ddp_find_unused_parameters"] = False
     return args

@@ -221,6 +221,15 @@ def load_model(doc: dict[str, Any], cfg: RunConfig, run_dir: Path):
         # change the adapter a given seed produces.
         set_seed(cfg.train.seed)
         model = get_peft_model(model, LoraConfig(**json.loads(lora_file.read_text())))
+    if cfg.kernels.fused_loss and cfg.deepspeed.stage == 3:
+        # The fused loss reads the output head's weight directly, never calling the head
+        # module, so ZeRO-3's hooks would leave it an empty shard there. Registered as an
+        # external parameter of the outermost module, it is gathered for the whole
+        # forward pass (inside which the fused loss runs) and released after.
+        import deepspeed
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        deepspeed.zero.register_external_parameter(model, base.get_output_embeddings().weight)
     return model
 
 
