@@ -105,7 +105,7 @@ def distributed_rows(raw: Path) -> list[dict]:
     for line in raw.read_text().splitlines() if raw.is_file() else []:
         r = json.loads(line)
         runs = [r[k] for k in ("2gpu_zero2", "1gpu", "train") if isinstance(r.get(k), dict)]
-        if r["case"] == "full3":
+        if r["case"] in ("full3", "offload"):
             runs = [r]
         for run in runs:
             m = run.get("metrics") or {}

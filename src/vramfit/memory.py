@@ -47,6 +47,10 @@ ZERO3_MAX_LIVE_ELEMENTS = 1e9
 # allocator: NVML minus reserved read 2.04 GiB per rank on 2 H200s (ZeRO-2 and
 # ZeRO-3 alike), 1.29 GiB more than one process alone.
 NCCL_GIB = 1.29
+# ZeRO offload (optimizer or parameters) adds its own, outside the allocator: pinned
+# transfer buffers' mappings, extra streams' cuBLAS workspaces. NVML minus reserved read
+# 1.29 GiB on the one offload run (3B, seq 4096, 1 H200), 0.54 more than CUDA_CONTEXT_GIB.
+OFFLOAD_OUTSIDE_GIB = 0.54
 
 # The loss over full-vocabulary logits, per token and vocabulary entry, at its peak
 # (the backward of cross-entropy): the fp32 upcast's log-softmax kept for backward,
@@ -161,6 +165,14 @@ def _optimizer_bytes(shape: ModelShape, cfg: RunConfig, n_train: int, state_byte
     return n_train * 2 * state_bytes, temp
 
 
+def _outside_allocator(cfg: RunConfig, world: int) -> float:
+    """GiB a GPU process holds outside the caching allocator."""
+    gib = CUDA_CONTEXT_GIB + (NCCL_GIB if world > 1 else 0.0)
+    if cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params:
+        gib += OFFLOAD_OUTSIDE_GIB
+    return gib
+
+
 def fused_loss_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, head_trainable: bool) -> float:
     """liger-kernel's fused linear cross-entropy (liger_kernel.ops.fused_linear_cross_entropy):
     logits exist one chunk of tokens at a time, the chunk sized so it holds about as many
@@ -273,7 +285,7 @@ def estimate(
         activations=parts["activations"],
         logits=parts["logits"],
         allocator_slack=slack[phase],
-        cuda_context=((CUDA_CONTEXT_GIB + (NCCL_GIB if world > 1 else 0.0)) * GIB) if device == "cuda" else 0.0,
+        cuda_context=_outside_allocator(cfg, world) * GIB if device == "cuda" else 0.0,
         trainable_params=n_train,
         world_size=world,
         phase=phase,

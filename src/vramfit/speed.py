@@ -69,6 +69,9 @@ LOSS_S_PER_TLOGIT = 0.0  # the loss's own time: fitted to zero (inside the matri
 # also dequantize). In-sample, so the first ZeRO-3 speed predictions of another
 # shape are an extrapolation.
 ZERO3_S_PER_GB_PASS = {"16bit": 0.0321, "4bit": 0.100}
+# ... and with the parameters offloaded to host RAM, what streaming them over PCIe adds
+# per GB per pass (the 8 GB seed route: 3B LoRA, seq 4096, 1 H200; one run).
+ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0500
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,8 @@ def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tfl
             gb = (shape.linear_params * 0.5 + other * 2) / 1e9
             seconds += ZERO3_S_PER_GB_PASS["4bit"] * passes * gb
         else:
-            seconds += ZERO3_S_PER_GB_PASS["16bit"] * passes * shape.total_params * 2 / 1e9
+            per_gb = ZERO3_S_PER_GB_PASS["16bit"] + (ZERO3_OFFLOAD_S_PER_GB_PASS if cfg.deepspeed.offload_params else 0.0)
+            seconds += per_gb * passes * shape.total_params * 2 / 1e9
     return seconds
 
 
