@@ -85,8 +85,51 @@ def test_nothing_fits_names_the_smallest_budget():
     with pytest.raises(FitError, match=r"nothing fits 3 GiB.*the smallest plan needs (\d+\.\d) GiB") as e:
         fitted(3)
     need = float(e.value.args[0].split("needs ")[1].split(" GiB")[0])
-    c, _, _ = fitted(need + 0.05)  # and that budget does fit
-    assert c.method == "qlora"
+    c, _, peak = fitted(need + 0.05)  # and that budget does fit
+    assert peak <= (need + 0.05) * (1 - SAFETY_MARGIN)
+    # On one GPU the smallest plan streams the weights from host RAM (ZeRO-3 offload).
+    assert c.deepspeed.stage == 3 and c.deepspeed.offload_params
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+
+def test_one_gpu_falls_back_to_zero3_offload_only_when_nothing_else_fits():
+    c, why, _ = fitted(8)
+    assert c.deepspeed.stage == 0  # QLoRA fits 8 GB: no offload
+    c, why, peak = fitted(4.5)
+    assert c.method == "lora" and c.deepspeed.stage == 3 and c.deepspeed.offload_params and c.deepspeed.offload_optimizer
+    assert c.kernels.fused_loss  # without it the logits alone would not fit
+    assert c.train.optimizer == "adamw_torch"  # what offload's CPU Adam replaces without changing
+    assert any("host RAM" in line for line in why)
+
+
+def test_offload_is_not_chosen_when_the_host_is_too_small():
+    cfg = base(launch={"gpus": 1})
+    with pytest.raises(FitError, match="nothing fits"):
+        auto_fit(cfg, set(), Q7, 4.5, "NVIDIA H200", SHORT, host_ram_bytes=4 << 30)
+
+
+@pytest.mark.parametrize("gpus,card,stage", [(2, 80, 0), (8, 40, 2), (8, 32, 3)])
+def test_full_fine_tuning_shards_with_zero_only_as_far_as_needed(gpus, card, stage):
+    # 7.6B in bf16 with torch AdamW: ~61 GB per GPU unsharded (fits 80 GB); under ZeRO,
+    # DeepSpeed's fp32 master weights and moments (12 bytes each) are split 8 ways,
+    # ZeRO-3 splits the weights too.
+    c, why, peak = fitted(card, gpus=gpus, pinned={"method", "train.optimizer"}, method="full")
+    assert c.deepspeed.stage == stage
+    assert peak <= card * (1 - SAFETY_MARGIN)
+    assert any(line.startswith(f"deepspeed.stage {stage}") for line in why)
+
+
+def test_two_gpus_lora_prefers_the_measured_zero2_path_at_equal_speed():
+    c, why, _ = fitted(80, gpus=2)
+    assert c.deepspeed.stage == 2
+    assert any(line.startswith("deepspeed.stage 2") for line in why)
+
+
+def test_pinned_deepspeed_is_kept():
+    c, why, _ = fitted(80, gpus=2, pinned={"deepspeed.stage"}, deepspeed={"stage": 0})
+    assert c.deepspeed.stage == 0 and "deepspeed.stage 0: pinned" in why
 
 
 def test_speed_counts_padding():

@@ -1,8 +1,9 @@
 """Auto-fit: the fastest configuration whose predicted peak fits the budget. Pure.
 
 Searches method, sequence length, micro-batch (keeping the effective batch),
-gradient checkpointing and optimizer, never touching what the user pinned, and
-explains each choice in a line. Predictions come from the calibrated memory model
+gradient checkpointing, optimizer and, with several GPUs, the DeepSpeed ZeRO stage
+(on one GPU, ZeRO-3 with CPU offload as the last resort when nothing else fits),
+never touching what the user pinned, and explains each choice in a line. Predictions come from the calibrated memory model
 (memory.py) and speed model (speed.py).
 """
 
@@ -12,7 +13,9 @@ import itertools
 from dataclasses import dataclass
 
 from .config import RunConfig
+from .distributed import HOST_RAM_USABLE, OFFLOAD_OPTIMIZERS, offloaded_host_bytes
 from .errors import FitError
+from .kernels import LIGER_MODEL_TYPES
 from .memory import estimate
 from .model_shape import ModelShape
 from .speed import LengthStats, estimate_speed
@@ -23,6 +26,10 @@ from .speed import LengthStats, estimate_speed
 SAFETY_MARGIN = 0.05
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 MIN_SEQ = 128
+# Among equally fast plans on several GPUs: ZeRO-2 first (the multi-GPU path measured on
+# GPUs, docs/benchmarks/distributed.md), then plain data parallel, then ZeRO-3 (it
+# gathers every weight each pass: slower, chosen for memory only).
+STAGE_PREFERENCE = {2: 0, 0: 1, 3: 2}
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ def auto_fit(
     gpu_name: str | None,
     lengths: LengthStats | None,
     dtype: str = "bfloat16",
+    host_ram_bytes: int | None = None,
 ) -> tuple[RunConfig, list[str]]:
     """The fastest plan under ``budget_gib`` (less the safety margin) and why, one line per choice.
 
@@ -90,27 +98,56 @@ def auto_fit(
         # fine-tuning: 8-bit states first, paged ones when even those don't fit.
         return ["adamw_torch"] if method != "full" else ["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 
-    feasible: list[Candidate] = []
-    smallest: Candidate | None = None
-    for method, seq, mb, ckpt in itertools.product(methods, seqs, mbs, ckpts):
-        for opt in optimizers(method):
-            ga = base.train.grad_accum if "train.grad_accum" in pinned else max(effective // (mb * world), 1)
-            cfg = _with(
-                base,
-                method=method,
-                data__seq_len=seq,
-                train__micro_batch=mb,
-                train__grad_accum=ga,
-                train__grad_ckpt=ckpt,
-                train__optimizer=opt,
-            )
-            peak = estimate(shape, cfg, dtype, "cuda", lengths.longest if lengths else None).peak_gib
-            speed = estimate_speed(shape, cfg, lengths, gpu_name).tokens_per_s
-            cand = Candidate(cfg, peak, speed)
-            if smallest is None or peak < smallest.peak_gib:
-                smallest = cand
-            if peak <= limit:
-                feasible.append(cand)
+    ds_pinned = any(k.startswith("deepspeed.") for k in pinned)
+
+    def search(zero: list[dict], method_list: list[str]) -> tuple[list[Candidate], Candidate | None]:
+        found: list[Candidate] = []
+        least: Candidate | None = None
+        for method, seq, mb, ckpt, ds in itertools.product(method_list, seqs, mbs, ckpts, zero):
+            if method == "qlora" and ds.get("deepspeed__offload_params"):
+                continue  # 4-bit weights cannot be offloaded (config.py refuses it)
+            for opt in optimizers(method):
+                if ds.get("deepspeed__offload_optimizer") and opt not in OFFLOAD_OPTIMIZERS:
+                    continue  # offload replaces the optimizer with CPU Adam (distributed.py)
+                ga = base.train.grad_accum if "train.grad_accum" in pinned else max(effective // (mb * world), 1)
+                cfg = _with(
+                    base,
+                    method=method,
+                    data__seq_len=seq,
+                    train__micro_batch=mb,
+                    train__grad_accum=ga,
+                    train__grad_ckpt=ckpt,
+                    train__optimizer=opt,
+                    **ds,
+                )
+                if host_ram_bytes and offloaded_host_bytes(shape, cfg, dtype) > host_ram_bytes * HOST_RAM_USABLE:
+                    continue  # distributed.check would refuse it
+                peak = estimate(shape, cfg, dtype, "cuda", lengths.longest if lengths else None).peak_gib
+                speed = estimate_speed(shape, cfg, lengths, gpu_name).tokens_per_s
+                cand = Candidate(cfg, peak, speed)
+                if least is None or peak < least.peak_gib:
+                    least = cand
+                if peak <= limit:
+                    found.append(cand)
+        return found, least
+
+    if ds_pinned:
+        stages = [{}]
+    elif world > 1:
+        stages = [{"deepspeed__stage": s} for s in (0, 2, 3)]
+    else:
+        stages = [{"deepspeed__stage": 0}]
+    feasible, smallest = search(stages, methods)
+    if not feasible and world == 1 and not ds_pinned:
+        # Last resort on one GPU: ZeRO-3 streaming the weights from host RAM and keeping
+        # the optimizer there, with the fused loss (no full-vocabulary logits): the 8 GB
+        # seed route, measured at 5.39 GiB for a 3B (docs/benchmarks/distributed.md). Slow.
+        offload = {"deepspeed__stage": 3, "deepspeed__offload_params": True, "deepspeed__offload_optimizer": True}
+        if "kernels.fused_loss" not in pinned and shape.model_type in LIGER_MODEL_TYPES:
+            offload["kernels__fused_loss"] = True
+        feasible, least = search([offload], [m for m in methods if m != "qlora"] or methods)
+        if least is not None and (smallest is None or least.peak_gib < smallest.peak_gib):
+            smallest = least
 
     if not feasible:
         assert smallest is not None
@@ -119,7 +156,7 @@ def auto_fit(
         raise FitError(
             f"nothing fits {budget_gib:g} GiB for this model: the smallest plan needs {need:.1f} GiB "
             f"({c.method}, seq {c.data.seq_len}, micro-batch {c.train.micro_batch}, "
-            f"checkpointing {'on' if c.train.grad_ckpt else 'off'})",
+            f"checkpointing {'on' if c.train.grad_ckpt else 'off'}{_zero_words(c)})",
             f"use --budget {need:.1f} or more, a smaller model"
             + (", or unpin what you set with --set/--config" if pinned - {"budget_gib", "model.name", "data.path"} else ""),
         )
@@ -127,8 +164,16 @@ def auto_fit(
     # The longest sequence anything fits (truncating as little as possible), then the fastest there.
     best_seq = max(c.config.data.seq_len for c in feasible)
     at_seq = [c for c in feasible if c.config.data.seq_len == best_seq]
-    best = max(at_seq, key=lambda c: c.tokens_per_s)
+    best = max(at_seq, key=lambda c: (c.tokens_per_s, -STAGE_PREFERENCE[c.config.deepspeed.stage]))
     return best.config, _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, world)
+
+
+def _zero_words(c: RunConfig) -> str:
+    ds = c.deepspeed
+    if not ds.stage:
+        return ""
+    off = " + CPU offload" if ds.offload_params or ds.offload_optimizer else ""
+    return f", ZeRO-{ds.stage}{off}"
 
 
 def _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, world) -> list[str]:
@@ -179,6 +224,24 @@ def _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, wor
     else:
         lines.append("train.grad_ckpt false: activations fit, so no recomputation (~30% faster)")
     lines.append(f"train.optimizer {c.train.optimizer}" + (": pinned" if "train.optimizer" in pinned else ""))
+    ds = c.deepspeed
+    if any(k.startswith("deepspeed.") for k in pinned):
+        lines.append(f"deepspeed.stage {ds.stage}: pinned")
+    elif ds.offload_params:
+        lines.append(
+            "deepspeed.stage 3 with parameters and optimizer in host RAM: nothing fits the GPU otherwise "
+            "(slow: the weights cross PCIe every pass)"
+            + ("; kernels.fused_loss on, so full-vocabulary logits never exist" if c.kernels.fused_loss else "")
+        )
+    elif world > 1:
+        alts = {x.config.deepspeed.stage: x for x in at_seq if x.config.method == c.method}
+        why = {
+            0: "data parallel: every GPU holds the whole model and optimizer state, and that fits",
+            2: "gradients and optimizer state sharded over the GPUs"
+            + ("; as fast as plain data parallel here" if 0 in alts else "; plain data parallel does not fit"),
+            3: "weights sharded too: " + ("ZeRO-2 does not fit" if 2 not in alts else "the fastest that fits"),
+        }[ds.stage]
+        lines.append(f"deepspeed.stage {ds.stage}: {why}")
     lines.append(
         f"predicted peak {best.peak_gib:.2f} GiB of {budget_gib:g} GiB"
         f" (plans stay under {budget_gib * (1 - SAFETY_MARGIN):.2f}: {SAFETY_MARGIN:.0%} safety margin)"

@@ -108,6 +108,9 @@ class MemoryMonitor:
             "outside_allocator_gib": round(self.outside_peak / GIB, 3) if self.outside_peak is not None else None,
             "cuda_context_gib": round(self.context_bytes / GIB, 3) if self.context_bytes else None,
             "setup_peak_allocated_gib": round(self.setup_peak / GIB, 3) if self.setup_peak else None,
+            # cudaMalloc failures the caching allocator recovered from by freeing its cache
+            # and retrying (each a device sync): a run close to its cap can slow down on them.
+            "alloc_retries": int(torch.cuda.memory_stats().get("num_alloc_retries", 0)),
         }
 
 

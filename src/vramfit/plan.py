@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import distributed
+from .kernels import LIGER_MODEL_TYPES
 from .config import RunConfig
 from .embedded import EMBEDDED_MODEL
 from .errors import ConfigError, FitError, ModelError
@@ -89,15 +90,6 @@ def resolve_dtype(requested: str, facts: HardwareFacts) -> str:
     if not facts.has_gpu:
         return "float32"  # CPU matmuls in bf16 are slow and lossy for a tiny model
     return "bfloat16" if all(g.bf16 for g in facts.gpus) else "float16"
-
-
-# Architectures liger-kernel (0.8) patches, text decoders only
-# (liger_kernel.transformers.monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN). Kept here, not
-# imported: planning must not import Triton.
-LIGER_MODEL_TYPES = frozenset(
-    "deepseek_v2 deepseek_v3 exaone4 falcon_h1 gemma gemma2 gemma3_text glm4 granite llama llama4_text ministral "
-    "mistral mixtral nemotron olmo2 olmo3 phi3 qwen2 qwen3 qwen3_moe smollm3".split()
-)
 
 
 def build_plan(

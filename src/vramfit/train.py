@@ -425,6 +425,14 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         if cfg.budget_gib:
             log(apply_budget(cfg.budget_gib, monitor))
 
+    if cfg.kernels.fused_loss:
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise VramfitError(
+                "kernels.fused_loss needs liger-kernel, which is not installed",
+                "pip install 'vramfit[kernels]', or plan again with --set kernels.fused_loss=false",
+            )
     tokenizer = load_tokenizer(doc["model_path"], cfg.model.trust_remote_code)
     data_cfg = cfg.data.model_copy(update={"path": doc.get("data_path")})
     train_ds, val_ds, stats, fmt = build_datasets(data_cfg, tokenizer, cfg.train.seed)
