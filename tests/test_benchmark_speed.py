@@ -275,3 +275,12 @@ def test_running_needs_a_gpu(tmp_path, capsys):
 def test_mapping_flag_prints_markdown(capsys):
     assert bs.main(["--mapping"]) == 0
     assert "| guide says | vramfit | note |" in capsys.readouterr().out
+
+
+def test_docs_table_is_the_scripts_mapping():
+    doc = REPO / "docs" / "benchmarks.md"
+    if not doc.is_file():
+        pytest.skip("no docs/ in this install")
+    text = doc.read_text(encoding="utf-8")
+    assert bs.mapping_markdown().strip() in text  # regenerate with --mapping when SEEDS change
+    assert "not yet run on a gpu" in text.lower()
