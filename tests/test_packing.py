@@ -3,24 +3,33 @@
 The proof is numerical: the tiny model's logits for an example packed in a row with
 others equal its logits alone. The same check with the packing signal broken (no
 position_ids restart, an attention_mask, a KV cache) shows the logits then differ, so
-the check can fail. Then the collator and a CPU run.
+the check can fail. Then the collator, the memory and speed models, and a CPU run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import subprocess
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import subprocess_env, vramfit_exe
+from conftest import QWEN7B_CONFIG, subprocess_env, vramfit_exe
 from vramfit import data as D
+from vramfit.config import RunConfig
 from vramfit.embedded import byte_tokenizer, tiny_config
+from vramfit.errors import ConfigError
+from vramfit.hardware import fake_facts
+from vramfit.memory import estimate
+from vramfit.model_shape import shape_from_config
+from vramfit.plan import build_plan, sequences
+from vramfit.speed import LengthStats, estimate_speed
 
 IGN = -100
+Q7 = shape_from_config(QWEN7B_CONFIG)
 TEXTS = ["The cat sat on the mat.", "Hi!", "Packing keeps attention inside each example, or it is wrong.", "ok"]
 
 
@@ -32,6 +41,10 @@ def tok():
 @pytest.fixture(scope="module")
 def examples(tok):
     return D.tokenize_records([{"text": t} for t in TEXTS], tok, 256)[0]
+
+
+def cfg(**sections) -> RunConfig:
+    return RunConfig.model_validate(sections)
 
 
 # ---------------------------------------------------------------- rows
@@ -189,6 +202,101 @@ def test_the_check_fails_when_the_packing_signal_is_lost(examples, tok, broken):
     assert worst > 0.1, f"{broken}: logits still match ({worst:.2e}); the check could not fail"
 
 
+# ---------------------------------------------------------------- memory, speed, steps
+
+
+_rng = random.Random(0)
+SHORT = LengthStats(tuple(_rng.randint(150, 600) for _ in range(500)))  # as tests/test_fit.py
+MIXED = LengthStats(tuple(_rng.choice([40, 90, 700]) for _ in range(2000)))
+
+
+def packing_cfg(packing: bool, seq=4096, mb=1, **train):
+    return cfg(data={"seq_len": seq, "packing": packing}, train={"micro_batch": mb, **train})
+
+
+def test_packed_memory_is_counted_at_the_full_seq_len():
+    # Unpacked, short examples never reach seq_len; packed rows do.
+    short = estimate(Q7, packing_cfg(False), longest=600)
+    packed = estimate(Q7, packing_cfg(True), longest=600)
+    assert packed == estimate(Q7, packing_cfg(True)) == estimate(Q7, packing_cfg(False))
+    assert packed.peak > short.peak
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(seq=st.integers(64, 16384), extra=st.integers(0, 16384), mb=st.integers(1, 16),
+       longest=st.integers(1, 32768), ckpt=st.booleans(), method=st.sampled_from(["lora", "qlora", "full"]))
+def test_packing_never_predicts_less_memory_and_longer_rows_never_less(seq, extra, mb, longest, ckpt, method):
+    def peak(packing, s):
+        c = cfg(method=method, data={"seq_len": s, "packing": packing}, train={"micro_batch": mb, "grad_ckpt": ckpt})
+        return estimate(Q7, c, longest=longest).peak
+
+    assert peak(True, seq) >= peak(False, seq)
+    assert peak(True, seq + extra) >= peak(True, seq)
+
+
+@pytest.mark.parametrize("mb", [1, 2, 4, 8])
+@pytest.mark.parametrize(("lengths", "seq"), [
+    (SHORT, 4096),
+    (SHORT, 1024),
+    (MIXED, 2048),
+], ids=["short@4096", "short@1024", "mixed@2048"])
+def test_packing_short_examples_pads_less_and_trains_faster(lengths, seq, mb):
+    plain = estimate_speed(Q7, packing_cfg(False, seq, mb), lengths, "H200")
+    packed = estimate_speed(Q7, packing_cfg(True, seq, mb), lengths, "H200")
+    # Rows of many short examples come out nearly equal: a fraction of the padding that
+    # examples of spread lengths need (none for either at micro-batch 1).
+    assert packed.padded_share <= plain.padded_share / 3 + 1e-12
+    assert packed.tokens_per_s > plain.tokens_per_s
+
+
+def test_rows_that_fill_exactly_have_no_padding():
+    rows = LengthStats((64,) * 256).packed(256)
+    assert rows.lengths == (256,) * 64
+    assert estimate_speed(Q7, packing_cfg(True, 256, 8), LengthStats((64,) * 256), "H200").padded_share == 0
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(lengths=st.lists(st.integers(1, 3000), min_size=1, max_size=200), seq=st.integers(128, 4096))
+def test_packing_keeps_every_real_token(lengths, seq):
+    s = LengthStats(tuple(lengths))
+    rows = s.packed(seq)
+    assert sum(rows.lengths) == sum(min(n, seq) for n in lengths)
+    assert max(rows.lengths) <= seq
+
+
+def test_steps_count_rows_not_examples():
+    c = packing_cfg(True, 1024, 4, grad_accum=4)
+    n_rows, per_row = sequences(c, SHORT, len(SHORT.lengths))
+    total = sum(SHORT.lengths)
+    assert n_rows == len(SHORT.packed(1024).lengths)
+    assert math.ceil(total / 1024) <= n_rows <= math.ceil(total / 1024) * 1.02
+    assert n_rows * per_row == pytest.approx(total)
+    # A 10x bigger dataset with the same lengths: 10x the rows.
+    assert sequences(c, SHORT, 10 * len(SHORT.lengths))[0] == pytest.approx(10 * n_rows, abs=1)
+    facts = fake_facts(80)
+    packed = build_plan(c, Q7, facts, lengths=SHORT, n_examples=len(SHORT.lengths))
+    plain = build_plan(packing_cfg(False, 1024, 4, grad_accum=4), Q7, facts, lengths=SHORT, n_examples=len(SHORT.lengths))
+    assert packed.steps == n_rows // 16 < plain.steps == len(SHORT.lengths) // 16
+    assert packed.wall_s < plain.wall_s
+
+
+def test_flash_attention_packing_needs_one_row_per_micro_batch():
+    facts = fake_facts(80)
+    c = cfg(model={"attn_implementation": "flash_attention_2"}, data={"packing": True}, train={"micro_batch": 2})
+    with pytest.raises(ConfigError, match="micro_batch 1"):
+        build_plan(c, Q7, facts)
+    build_plan(c.model_copy(update={"train": c.train.model_copy(update={"micro_batch": 1})}), Q7, facts)
+
+
+def test_auto_fit_keeps_packing_as_given():
+    from vramfit.fit import auto_fit
+
+    for packing in (False, True):
+        base = cfg(data={"packing": packing})
+        fitted, _ = auto_fit(base, set(), Q7, 24, "NVIDIA H200", SHORT)
+        assert fitted.data.packing is packing
+
+
 # ---------------------------------------------------------------- a CPU run
 
 
@@ -203,6 +311,7 @@ def test_cpu_train_with_packing_counts_every_token(tmp_path, tok):
     )  # fmt: skip
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "Traceback" not in proc.stdout + proc.stderr
+    assert "packed rows/step" in proc.stdout
     m = json.loads((run / "metrics.json").read_text())
     # One epoch of packed rows touches every training token once: the count is the same
     # tokens an unpacked epoch counts through attention_mask.
