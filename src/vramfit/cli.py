@@ -281,7 +281,7 @@ def _print_plan(plan, verbose: bool) -> None:
     )
     typer.echo(
         f"  seq {c.data.seq_len}, micro-batch {c.train.micro_batch} x accumulation {c.train.grad_accum}"
-        f" = {c.train.micro_batch * c.train.grad_accum * c.world_size} sequences/step,"
+        f" = {c.train.micro_batch * c.train.grad_accum * c.world_size} {'packed rows' if c.data.packing else 'sequences'}/step,"
         f" checkpointing {'on' if c.train.grad_ckpt else 'off'}, optimizer {c.train.optimizer}"
         + (f", ZeRO-{c.deepspeed.stage}" if c.deepspeed.stage else "")
     )
@@ -537,7 +537,7 @@ def _probe(plan, target: Path, steps: int) -> None:
 
         raise TrainingFailed(f"the probe's training exited with code {code}", "see the error above")
     # The probe's batches are the longest examples: compare with full-length batches.
-    longest = min(c.data.seq_len, plan.lengths.longest) if plan.lengths else c.data.seq_len
+    longest = min(c.data.seq_len, plan.lengths.longest) if plan.lengths and not c.data.packing else c.data.seq_len
     full = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": longest})})
     rate = estimate_speed(plan.shape, full, None, plan.hardware.gpus[0].name).tokens_per_s if plan.device == "cuda" else None
     _report_prediction({**m, "predicted_tokens_per_s": rate}, prefix="probe: ")

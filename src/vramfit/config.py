@@ -70,6 +70,10 @@ class DataConfig(_Section):
     # Use the tokenizer's chat template when it has one.
     chat_template: bool = True
     max_examples: PositiveInt | None = None
+    # Several whole examples per row of up to seq_len tokens, each attending only to
+    # itself (position_ids restart per example; transformers builds the block-diagonal
+    # mask from them). A micro-batch then holds micro_batch rows, not examples.
+    packing: bool = False
 
 
 class TrainConfig(_Section):

@@ -8,6 +8,7 @@ json, pyarrow or datasets.
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 import re
@@ -21,6 +22,9 @@ from vramfit.config import DataConfig
 from vramfit.errors import DataError
 
 IGNORE = -100  # the label value HF losses skip
+# With packing, the collator's count of real (non-padding) tokens in a batch: there is
+# no attention_mask to sum. The trainer reads it and drops it before the model's forward.
+TOKENS_KEY = "vramfit_tokens"
 FORMATS = ("alpaca", "messages", "sharegpt", "text", "prompt_completion")
 # Columns each format needs, in detection order (first match wins).
 REQUIRED = {
@@ -449,17 +453,76 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[Any, Any | No
         val_idx = set(random.Random(seed).sample(range(len(examples)), n_val))
 
     def to_ds(rows: list[dict]):
-        return datasets.Dataset.from_dict({k: [r[k] for r in rows]
-                                           for k in ("input_ids", "labels", "attention_mask")})
+        # Packed after the split, so no row mixes training and validation examples.
+        if cfg.packing:
+            rows = pack_examples(rows, cfg.seq_len)
+        return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]})
 
     train = to_ds([e for i, e in enumerate(examples) if i not in val_idx])
     val = to_ds([e for i, e in enumerate(examples) if i in val_idx]) if val_idx else None
     return train, val, stats, fmt
 
 
+# ---------------------------------------------------------------- packing
+
+
+def pack_rows(lengths: list[int] | tuple[int, ...], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into rows of at most ``capacity`` tokens.
+
+    Best-fit decreasing: longest first, each into the fullest row it still fits. Examples
+    are never split: a continuation in another row would train without its prompt.
+    Deterministic (ties by index), so planning and training pack alike.
+    """
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, row), sorted: bisect finds the best fit
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than a row's {capacity}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            left, r = free.pop(k)
+        else:
+            left, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if left - n > 0:
+            bisect.insort(free, (left - n, r))
+    return rows
+
+
+def pack_examples(examples: list[dict], seq_len: int) -> list[dict]:
+    """Tokenized examples (already cut to seq_len) -> rows of whole examples.
+
+    position_ids restart at 0 for each example: with no attention_mask, transformers
+    (masking_utils.find_packed_sequence_indices) reads a restart as a new sequence and
+    masks attention to stay inside it. Each example's first label is IGNORE so its first
+    token is not predicted from the example before it (the label sat at position 0,
+    which a causal LM never predicts anyway: the loss is unchanged). The convention of
+    transformers' DataCollatorWithFlattening, which flattens a whole micro-batch into
+    one row instead of rows of seq_len.
+    """
+    rows = []
+    for idx in pack_rows([len(e["input_ids"]) for e in examples], seq_len):
+        row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for i in idx:
+            ids, labels = examples[i]["input_ids"], examples[i]["labels"]
+            row["input_ids"] += ids
+            row["labels"] += [IGNORE] + list(labels[1:])
+            row["position_ids"] += list(range(len(ids)))
+        rows.append(row)
+    return rows
+
+
 @dataclass
 class Collator:
-    """Right-pads a batch to its longest example: pad id / mask 0 / label -100."""
+    """Right-pads a batch to its longest example: pad id / mask 0 / label -100.
+
+    Packed rows (they carry position_ids) get no attention_mask: transformers ignores
+    position_ids for masking when a mask is given, and attention would cross examples.
+    Their padding continues as one more sequence (positions from 0), which no real token
+    attends to (it comes after them) and no label reads.
+    """
 
     tokenizer: Any
     pad_to_multiple_of: int | None = None
@@ -478,6 +541,8 @@ class Collator:
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             longest = -(-longest // m) * m
+        if "position_ids" in features[0]:
+            return self._packed(features, longest)
         out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
         for f in features:
             ids = [int(x) for x in f["input_ids"]]
@@ -488,3 +553,16 @@ class Collator:
             out["attention_mask"].append(mask + [0] * n)
             out["labels"].append(labels + [IGNORE] * n)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+    def _packed(self, features: list[dict], longest: int):
+        import torch
+
+        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for f in features:
+            n = longest - len(f["input_ids"])
+            out["input_ids"].append([int(x) for x in f["input_ids"]] + [self.pad_id] * n)
+            out["labels"].append([int(x) for x in f["labels"]] + [IGNORE] * n)
+            out["position_ids"].append([int(x) for x in f["position_ids"]] + list(range(n)))
+        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        batch[TOKENS_KEY] = torch.tensor(sum(len(f["input_ids"]) for f in features))
+        return batch

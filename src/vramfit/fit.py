@@ -76,6 +76,9 @@ def auto_fit(
 
     ``pinned`` holds the dotted keys the user set (they are never changed). The effective
     batch (micro_batch x grad_accum x GPUs) of ``base`` is kept."""
+    # data.packing is never turned on here, only kept as given: it changes what one
+    # sequence of the effective batch is (a row of several examples, not one), so
+    # switching it would change the training recipe, not just how it fits.
     world = base.world_size
     effective = base.train.micro_batch * base.train.grad_accum * world
     limit = budget_gib * (1 - SAFETY_MARGIN)
@@ -87,6 +90,8 @@ def auto_fit(
     elif "train.grad_accum" in pinned:
         per_gpu = effective // (base.train.grad_accum * world)
         mbs = [max(per_gpu, 1)]
+    elif base.data.packing and base.model.attn_implementation == "flash_attention_2":
+        mbs = [1]  # flash attention keeps packed examples apart only one row at a time (plan.py)
     else:
         mbs = [m for m in MICRO_BATCHES if effective % (m * world) == 0] or [1]
     ckpts = [base.train.grad_ckpt] if "train.grad_ckpt" in pinned else [False, True]

@@ -194,7 +194,9 @@ def estimate(
 
     ``longest``: the dataset's longest example in tokens, if known. Micro-batches pad to
     their longest example, so none is longer than min(seq_len, longest): that is the
-    worst case, and a dataset of short examples never reaches seq_len.
+    worst case, and a dataset of short examples never reaches seq_len. With
+    ``data.packing`` a row holds several examples and fills up to seq_len, so
+    ``longest`` does not bound it.
     On ``device="cpu"`` the same tensors live in host RAM, without a CUDA context."""
     b = _dtype_bytes(dtype)
     world = cfg.world_size
@@ -246,7 +248,7 @@ def estimate(
         optimizer, opt_temp = _optimizer_bytes(shape, cfg, n_train, train_bytes)
     weights += gathered
 
-    seq = min(cfg.data.seq_len, longest) if longest else cfg.data.seq_len
+    seq = min(cfg.data.seq_len, longest) if longest and not cfg.data.packing else cfg.data.seq_len
     tokens = cfg.train.micro_batch * seq
     layer_acts = layer_activation_bytes(shape, cfg, b) * seq / cfg.data.seq_len
     ckpt_inputs = shape.layers * tokens * shape.hidden * b

@@ -5,6 +5,7 @@ Pure: hardware facts are passed in, never probed here, so a fake 8 GB card tests
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +128,14 @@ def build_plan(
                 f"kernels.fused_loss: liger-kernel has no fused loss for {shape.model_type} models",
                 "use --set kernels.fused_loss=false",
             )
+    if config.data.packing and config.model.attn_implementation == "flash_attention_2" and config.train.micro_batch > 1:
+        # transformers' flash-attention path reads packed sequences from position_ids only
+        # for a batch of one row (modeling_flash_attention_utils._is_packed_sequence): with
+        # more, attention would cross examples.
+        raise ConfigError(
+            "data.packing with flash_attention_2 keeps examples apart only at train.micro_batch 1",
+            "use --set model.attn_implementation=sdpa, or --set train.micro_batch=1",
+        )
     dtype = resolve_dtype(config.model.dtype, facts)
     # Known-bad distributed/offload combinations fail here, before anything launches.
     notes: list[str] = distributed.check(config, shape, facts, dtype)
@@ -156,13 +165,14 @@ def build_plan(
     if device == "cuda":
         speed = estimate_speed(shape, config, lengths, facts.gpus[0].name)
         eff = config.train.micro_batch * config.train.grad_accum * config.world_size
+        # What one micro-batch sequence is: an example, or with packing a row of them.
+        seqs, per_seq = sequences(config, lengths, n_examples)
         if config.train.max_steps > 0:
             steps = config.train.max_steps
-        elif n_examples:
-            steps = max(1, int(n_examples * config.train.epochs) // eff)
+        elif seqs:
+            steps = max(1, int(seqs * config.train.epochs) // eff)
         if steps:
-            per_example = lengths.mean_cut(config.data.seq_len) if lengths else config.data.seq_len
-            wall = steps * eff * per_example / speed.tokens_per_s
+            wall = steps * eff * per_seq / speed.tokens_per_s
         if not speed.gpu_known:
             notes.append(f"speed is scaled from an A100's: {facts.gpus[0].name} is not in vramfit's GPU table")
     plan = Plan(
@@ -184,6 +194,23 @@ def build_plan(
         lengths=lengths,
     )
     return plan
+
+
+def sequences(config: RunConfig, lengths: LengthStats | None, n_examples: int | None) -> tuple[int | None, float]:
+    """(sequences the trainer iterates over per epoch, mean real tokens in each).
+
+    Without packing these are the examples. With packing, the rows that pack_rows makes of
+    them: about ceil(total tokens / seq_len), a little more since examples are never split.
+    Length statistics come from a sample, so the rows are scaled to all n_examples.
+    Without statistics, examples are taken to fill seq_len, so rows == examples."""
+    seq = config.data.seq_len
+    if lengths is None:
+        return n_examples, float(seq)
+    if not config.data.packing:
+        return n_examples, lengths.mean_cut(seq)
+    rows = lengths.packed(seq)
+    n = math.ceil(n_examples * len(rows.lengths) / len(lengths.lengths)) if n_examples else None
+    return n, rows.mean
 
 
 def require_fit(plan: Plan) -> None:

@@ -14,14 +14,18 @@ to the calibration runs (docs/benchmarks/calibration/, H200):
 - the loss over full-vocabulary logits, memory-bound: tokens x vocabulary.
 
 Padding counts: a micro-batch pads to its longest example, so the speed in real
-tokens is the padded speed times (mean length / padded length).
+tokens is the padded speed times (mean length / padded length). With packing the
+same holds for rows: the sampled lengths are packed as data.pack_rows packs the
+dataset, and a micro-batch pads to its longest row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .config import RunConfig
+from .data import pack_rows
 from .model_shape import ModelShape
 
 # Dense bf16 tensor throughput (TFLOP/s, no sparsity) by GPU name, from the vendors'
@@ -94,6 +98,10 @@ class LengthStats:
     def mean_cut(self, seq_len: int) -> float:
         return sum(min(n, seq_len) for n in self.lengths) / len(self.lengths)
 
+    def packed(self, seq_len: int) -> LengthStats:
+        """Row lengths after packing these examples (cut to seq_len) into rows of seq_len."""
+        return _packed(self.lengths, seq_len)
+
     def padded(self, seq_len: int, micro_batch: int) -> float:
         """Expected length of the longest of ``micro_batch`` random examples (cut to
         seq_len): what a micro-batch pads to. Exact over the empirical distribution."""
@@ -106,6 +114,12 @@ class LengthStats:
             total += v * (p - prev)
             prev = p
         return total
+
+
+@lru_cache(maxsize=32)  # auto-fit asks once per candidate, for a handful of seq_lens
+def _packed(lengths: tuple[int, ...], seq_len: int) -> LengthStats:
+    cut = [min(n, seq_len) for n in lengths]
+    return LengthStats(tuple(sum(cut[i] for i in row) for row in pack_rows(cut, seq_len)))
 
 
 def gpu_tflops(name: str | None) -> tuple[float, bool]:
@@ -152,9 +166,13 @@ class SpeedEstimate:
 
 
 def estimate_speed(shape: ModelShape, cfg: RunConfig, lengths: LengthStats | None, gpu_name: str | None) -> SpeedEstimate:
-    """Tokens/s of ``cfg``. Without length statistics, examples are assumed to fill seq_len."""
+    """Tokens/s of ``cfg``. Without length statistics, examples are assumed to fill seq_len.
+
+    With packing, the trainer's sequences are packed rows: their lengths replace the examples'."""
     tflops, known = gpu_tflops(gpu_name)
     seq = cfg.data.seq_len
+    if lengths is not None and cfg.data.packing:
+        lengths = lengths.packed(seq)
     if lengths is None:
         padded = real = float(seq)
     else:

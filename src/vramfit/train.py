@@ -40,6 +40,7 @@ from .gpu_memory import MemoryMonitor, apply_budget
 from .model_source import load_tokenizer, resolve_model_dir
 from .preempt import PreemptionCallback
 from .quiet import quiet_libraries
+from .data import TOKENS_KEY
 from .render import ADAPTER, CHECKPOINTS, METRICS, read_plan, write_text_atomic
 
 GIB = 1 << 30
@@ -112,7 +113,11 @@ _PROGRESS: dict[str, Any] = {}
 
 
 class TokenCountingTrainer(StagedCheckpointTrainer):
-    """Counts real (non-padding) tokens, for tokens/s that compare across batch shapes."""
+    """Counts real (non-padding) tokens, for tokens/s that compare across batch shapes.
+
+    Every token of every example counts, prompt included, packed or not: the padded
+    batch's attention_mask.sum(), or for packed rows (no mask) the collator's count.
+    """
 
     tokens_seen = 0
     longest_first = False
@@ -129,10 +134,18 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
         if fault and self.state.global_step >= 1 and inputs["input_ids"].shape[0] > int(fault):
             # Fault injection for tests of OOM recovery on machines without a GPU.
             raise torch.OutOfMemoryError("CUDA out of memory (injected). Tried to allocate 1.00 GiB")
+        packed = inputs.get(TOKENS_KEY)
         mask = inputs.get("attention_mask")
-        if mask is not None:
+        if packed is not None:
+            self.tokens_seen += int(packed)
+        elif mask is not None:
             self.tokens_seen += int(mask.sum())
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # Training and evaluation both reach the model through here: the count is not its input.
+        inputs = {k: v for k, v in inputs.items() if k != TOKENS_KEY}
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 class Progress(TrainerCallback):
@@ -204,7 +217,9 @@ def load_model(doc: dict[str, Any], cfg: RunConfig, run_dir: Path):
     if doc["device"] == "cuda" and cfg.deepspeed.stage != 3:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    model.config.use_cache = False  # the KV cache is dead weight in training
+    # The KV cache is dead weight in training. Packing also needs it off: with a cache,
+    # transformers does not look for packed sequences in position_ids (tests/test_packing.py).
+    model.config.use_cache = False
     if cfg.method == "qlora" and cfg.quant.upcast_embeddings:
         from peft import prepare_model_for_kbit_training
 
@@ -443,8 +458,11 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     s = stats.to_dict()
     log(
         f"data: {s['n_examples']} examples ({fmt}), {stats.truncated_share:.1%} truncated at {cfg.data.seq_len} tokens,"
-        f" {s['n_dropped']} dropped (no response left)" + (f", {len(val_ds)} for validation" if val_ds is not None else "")
+        f" {s['n_dropped']} dropped (no response left)" + (f", {len(val_ds)}{' rows' if cfg.data.packing else ''} for validation" if val_ds is not None else "")
+        + (f"; packed into {len(train_ds)} rows of up to {cfg.data.seq_len} tokens" if cfg.data.packing else "")
     )
+    if cfg.data.packing:
+        s["packed_rows"] = len(train_ds)
 
     args_dict = json.loads((run_dir / "training_args.json").read_text())
     args_dict["output_dir"] = str(run_dir / CHECKPOINTS)
