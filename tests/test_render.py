@@ -515,3 +515,17 @@ def test_read_plan_rejects_non_run(tmp_path):
     (tmp_path / "plan.yaml").write_text("config: [unclosed\n")
     with pytest.raises(UsageError, match="cannot read"):
         read_plan(tmp_path)
+
+
+def test_a_run_planned_before_a_key_existed_is_still_the_same_run(no_gpu_facts):
+    """A preempted run planned by an older vramfit lacks keys added since (kernels.fused_loss,
+    data.packing): rerunning the same command must continue it, not refuse it as different."""
+    from vramfit.render import plan_differences, plan_document
+
+    plan = make_plan("24gb", no_gpu_facts)
+    old = plan_document(plan)
+    del old["config"]["kernels"]
+    del old["config"]["data"]["packing"]
+    assert plan_differences(old, plan) == []
+    old["config"]["lora"]["r"] = plan.config.lora.r + 1
+    assert plan_differences(old, plan) == ["lora.r"]

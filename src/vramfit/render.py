@@ -196,6 +196,19 @@ def write_run_dir(plan: Plan, out: Path) -> Path:
     return out
 
 
+def _with_defaults(config: Any) -> Any:
+    """An existing plan.yaml's config with today's defaults filled in: a key added to
+    vramfit after the run was planned (kernels.fused_loss, data.packing) is not a
+    difference when the new plan leaves it at its default. A config that no longer
+    validates is compared as written."""
+    from .config import RunConfig
+
+    try:
+        return RunConfig.model_validate(config).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - compared as written, and so reported as different
+        return config
+
+
 def plan_differences(doc: dict[str, Any], plan: Plan) -> list[str]:
     """Dotted keys where an existing run's plan.yaml and a new plan disagree."""
     new = plan_document(plan)
@@ -208,7 +221,7 @@ def plan_differences(doc: dict[str, Any], plan: Plan) -> list[str]:
         elif a != b:
             diffs.append(prefix.rstrip("."))
 
-    walk(doc.get("config"), new["config"], "")
+    walk(_with_defaults(doc.get("config")), new["config"], "")
     # The node rank names the machine, not the run: every node of a multi-node run may
     # run the same command (with its own --node-rank) on one shared run directory.
     return [d for d in diffs if d != "launch.node_rank"]
