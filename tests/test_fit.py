@@ -12,7 +12,7 @@ from vramfit.errors import FitError
 from vramfit.fit import SAFETY_MARGIN, auto_fit
 from vramfit.memory import estimate
 from vramfit.model_shape import shape_from_config
-from vramfit.speed import LengthStats, estimate_speed
+from vramfit.speed import OFFLOAD_PCIE_GB_S, LengthStats, estimate_speed, micro_step_seconds
 
 Q7 = shape_from_config(QWEN7B_CONFIG)
 rng = random.Random(0)
@@ -144,3 +144,15 @@ def test_speed_counts_padding():
 def test_unknown_gpu_is_flagged():
     assert not estimate_speed(Q7, base(), SHORT, "Mystery Accelerator").gpu_known
     assert estimate_speed(Q7, base(), SHORT, "NVIDIA H100 80GB HBM3").gpu_known
+
+
+def test_offloaded_activations_cost_their_pcie_copies():
+    """Each layer's input goes to host RAM in the forward and back in the backward, at
+    speed.OFFLOAD_PCIE_GB_S (a placeholder until measured)."""
+    plain = base(method="qlora", data={"seq_len": 8192}, train={"grad_ckpt": True})
+    off = base(method="qlora", data={"seq_len": 8192}, train={"grad_ckpt": True, "offload_activations": True})
+    added = micro_step_seconds(Q7, off, 8192, 989.0) - micro_step_seconds(Q7, plain, 8192, 989.0)
+    assert added == pytest.approx(2 * Q7.layers * 8192 * Q7.hidden * 2 / (OFFLOAD_PCIE_GB_S * 1e9))
+    assert estimate_speed(Q7, off, LONG, "H200").tokens_per_s < estimate_speed(Q7, plain, LONG, "H200").tokens_per_s
+    # Copies at the padded length, not seq_len: short examples move less.
+    assert micro_step_seconds(Q7, off, 1024, 989.0) - micro_step_seconds(Q7, plain, 1024, 989.0) == pytest.approx(added / 8)

@@ -99,6 +99,7 @@ def auto_fit(
         return ["adamw_torch"] if method != "full" else ["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 
     ds_pinned = any(k.startswith("deepspeed.") for k in pinned)
+    longest = lengths.longest if lengths else None
 
     def search(zero: list[dict], method_list: list[str]) -> tuple[list[Candidate], Candidate | None]:
         found: list[Candidate] = []
@@ -120,9 +121,9 @@ def auto_fit(
                     train__optimizer=opt,
                     **ds,
                 )
-                if host_ram_bytes and offloaded_host_bytes(shape, cfg, dtype) > host_ram_bytes * HOST_RAM_USABLE:
+                if host_ram_bytes and offloaded_host_bytes(shape, cfg, dtype, longest) > host_ram_bytes * HOST_RAM_USABLE:
                     continue  # distributed.check would refuse it
-                peak = estimate(shape, cfg, dtype, "cuda", lengths.longest if lengths else None).peak_gib
+                peak = estimate(shape, cfg, dtype, "cuda", longest).peak_gib
                 speed = estimate_speed(shape, cfg, lengths, gpu_name).tokens_per_s
                 cand = Candidate(cfg, peak, speed)
                 if least is None or peak < least.peak_gib:
