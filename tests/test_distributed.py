@@ -301,7 +301,8 @@ def test_offloaded_activations_count_in_the_host_ram_check(no_gpu_facts):
     with pytest.raises(FitError, match=r"offloading activations needs about 224.0 GiB of host RAM per node") as e:
         plan_for(sets, facts=fake_facts(80, count=8, host_ram_gib=128))
     assert "data.seq_len" in e.value.hint and "--nodes" not in e.value.hint  # nodes don't share activations
-    plan_for(sets, facts=fake_facts(80, count=8, host_ram_gib=256))
+    plan = plan_for(sets, facts=fake_facts(80, count=8, host_ram_gib=256))
+    assert any("keeps about 224.0 GiB of activations in pinned host RAM per node" in n for n in plan.notes)
     # With ZeRO offload too, both count: RAM enough for the activations alone is too little.
     just_enough = fake_facts(80, count=8, host_ram_gib=224.01 / HOST_RAM_USABLE)
     plan_for(sets, facts=just_enough)

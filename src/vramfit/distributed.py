@@ -106,6 +106,13 @@ def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str, l
         notes.append("train.offload_activations on a CPU run saves nothing: the activations already live in host RAM")
     # On a CPU-only machine nothing is offloaded from a GPU (ZeRO is refused there before this).
     need = offloaded_host_bytes(shape, cfg, dtype, longest) if facts.has_gpu else 0.0
+    acts = offloaded_activation_host_bytes(shape, cfg, dtype, longest) if facts.has_gpu else 0.0
+    if acts:
+        # Not in the GPU breakdown, so the plan says where it went and what it costs.
+        notes.append(
+            f"train.offload_activations keeps about {acts / GIB:.1f} GiB of activations in pinned host RAM per node, "
+            "copied out and back over PCIe each micro-batch (its speed cost is not yet measured on a GPU)"
+        )
     if need and facts.host_ram_bytes:
         usable = facts.host_ram_bytes * HOST_RAM_USABLE
         what = " and ".join(
