@@ -293,6 +293,27 @@ def test_offload_needs_host_ram():
         plan_for(p3, facts=fake_facts(80, count=8, host_ram_gib=need / HOST_RAM_USABLE * 1.01))
 
 
+def test_offloaded_activations_count_in_the_host_ram_check(no_gpu_facts):
+    sets = ["method=qlora", "data.seq_len=32768", "train.micro_batch=4", "train.offload_activations=true", "launch.gpus=8"]
+    r = resolve_layers(None, set_items=sets)
+    # 8 processes x 28 layers x 4 x 32768 tokens x 3584 x 2 bytes (896 MiB, pinned: 1 GiB each).
+    assert offloaded_host_bytes(QWEN7B, r.config, "bfloat16") == 8 * 28 * GIB
+    with pytest.raises(FitError, match=r"offloading activations needs about 224.0 GiB of host RAM per node") as e:
+        plan_for(sets, facts=fake_facts(80, count=8, host_ram_gib=128))
+    assert "data.seq_len" in e.value.hint and "--nodes" not in e.value.hint  # nodes don't share activations
+    plan = plan_for(sets, facts=fake_facts(80, count=8, host_ram_gib=256))
+    assert any("keeps about 224.0 GiB of activations in pinned host RAM per node" in n for n in plan.notes)
+    # With ZeRO offload too, both count: RAM enough for the activations alone is too little.
+    just_enough = fake_facts(80, count=8, host_ram_gib=224.01 / HOST_RAM_USABLE)
+    plan_for(sets, facts=just_enough)
+    zero = [*sets, "method=lora", "deepspeed.stage=2", "deepspeed.offload_optimizer=true"]
+    with pytest.raises(FitError, match="offloading optimizer state and activations"):
+        plan_for(zero, facts=just_enough)
+    # On a CPU run the activations are in host RAM anyway: a note, no check.
+    plan = build_plan(RunConfig.model_validate({"train": {"offload_activations": True}}), TINY, no_gpu_facts)
+    assert any("train.offload_activations on a CPU run saves nothing" in n for n in plan.notes)
+
+
 def test_offload_above_available_ram_is_a_note():
     sets = ["method=full", "deepspeed.stage=2", "deepspeed.offload_optimizer=true", "launch.gpus=8"]
     facts = fake_facts(80, count=8, host_ram_gib=256)

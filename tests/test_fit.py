@@ -12,7 +12,7 @@ from vramfit.errors import FitError
 from vramfit.fit import SAFETY_MARGIN, auto_fit
 from vramfit.memory import estimate
 from vramfit.model_shape import shape_from_config
-from vramfit.speed import LengthStats, estimate_speed
+from vramfit.speed import OFFLOAD_PCIE_GB_S, LengthStats, estimate_speed, micro_step_seconds
 
 Q7 = shape_from_config(QWEN7B_CONFIG)
 rng = random.Random(0)
@@ -144,3 +144,63 @@ def test_speed_counts_padding():
 def test_unknown_gpu_is_flagged():
     assert not estimate_speed(Q7, base(), SHORT, "Mystery Accelerator").gpu_known
     assert estimate_speed(Q7, base(), SHORT, "NVIDIA H100 80GB HBM3").gpu_known
+
+
+def test_offloaded_activations_cost_their_pcie_copies():
+    """Each layer's input goes to host RAM in the forward and back in the backward, at
+    speed.OFFLOAD_PCIE_GB_S (a placeholder until measured)."""
+    plain = base(method="qlora", data={"seq_len": 8192}, train={"grad_ckpt": True})
+    off = base(method="qlora", data={"seq_len": 8192}, train={"grad_ckpt": True, "offload_activations": True})
+    added = micro_step_seconds(Q7, off, 8192, 989.0) - micro_step_seconds(Q7, plain, 8192, 989.0)
+    assert added == pytest.approx(2 * Q7.layers * 8192 * Q7.hidden * 2 / (OFFLOAD_PCIE_GB_S * 1e9))
+    assert estimate_speed(Q7, off, LONG, "H200").tokens_per_s < estimate_speed(Q7, plain, LONG, "H200").tokens_per_s
+    # Copies at the padded length, not seq_len: short examples move less.
+    assert micro_step_seconds(Q7, off, 1024, 989.0) - micro_step_seconds(Q7, plain, 1024, 989.0) == pytest.approx(added / 8)
+
+
+# ---------------------------------------------------------------- activations in host RAM
+
+FUSED = {"pinned": {"kernels.fused_loss"}, "kernels": {"fused_loss": True}}
+
+
+def test_8gb_card_keeps_activations_in_host_ram_to_hold_the_longest_example():
+    # With the fused loss the logits are small, so the layers' inputs decide the length:
+    # 28 x 6016 tokens x 3584 x 2 bytes = 1.1 GiB that an 8 GB card cannot also hold.
+    c, why, peak = fitted(8, lengths=LONG, **FUSED)
+    assert c.train.offload_activations and c.train.grad_ckpt
+    assert c.data.seq_len >= LONG.longest and "0.0% of examples truncated" in why[0]
+    assert peak <= 8 * (1 - SAFETY_MARGIN)
+    line = next(x for x in why if x.startswith("train.offload_activations"))
+    assert line.startswith("train.offload_activations true: saved activations in host RAM")
+    assert "without it the longest that fits is seq 3072" in line and "of the speed" in line
+    plain = c.model_copy(update={"train": c.train.model_copy(update={"offload_activations": False})})
+    assert estimate(Q7, plain, "bfloat16", "cuda", LONG.longest).peak_gib > 8 * (1 - SAFETY_MARGIN)
+    assert estimate_speed(Q7, c, LONG, "H200").tokens_per_s < estimate_speed(Q7, plain, LONG, "H200").tokens_per_s
+
+
+def test_activations_stay_on_the_gpu_when_the_longest_sequence_fits():
+    # It costs speed: never chosen for a bigger micro-batch, only for length.
+    for budget, lengths in ((24, LONG), (8, SHORT), (24, SHORT)):
+        c, why, _ = fitted(budget, lengths=lengths, **FUSED)
+        assert not c.train.offload_activations
+        assert f"train.offload_activations false: not needed, seq {c.data.seq_len} fits without it" in why
+
+
+def test_activations_in_host_ram_only_where_they_reach_further():
+    # Without the fused loss the logits decide the length on 8 GB: offload gains nothing.
+    c, why, _ = fitted(8, lengths=LONG)
+    assert not c.train.offload_activations
+    assert "train.offload_activations false: it fits no longer sequence" in why
+
+
+def test_activations_pinned_off_are_never_offloaded():
+    c, why, _ = fitted(8, lengths=LONG, pinned={"kernels.fused_loss", "train.offload_activations"},
+                       kernels={"fused_loss": True}, train={"offload_activations": False})  # fmt: skip
+    assert not c.train.offload_activations and c.data.seq_len == 3072
+    assert "train.offload_activations false: pinned" in why
+
+
+def test_activations_are_not_offloaded_into_too_little_host_ram():
+    cfg = base(kernels={"fused_loss": True})
+    c, _ = auto_fit(cfg, {"kernels.fused_loss"}, Q7, 8, "NVIDIA H200", LONG, host_ram_bytes=1 << 30)
+    assert not c.train.offload_activations and c.data.seq_len < LONG.longest

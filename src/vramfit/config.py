@@ -89,6 +89,10 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     optimizer: Optimizer = "adamw_torch"
     grad_ckpt: bool = True
+    # Keep what autograd saves for backward in host RAM instead of on the GPU: with
+    # grad_ckpt, each decoder layer's input (layers x tokens x hidden); without, every
+    # tensor each layer saves. It crosses PCIe twice per micro-batch (src/vramfit/offload.py).
+    offload_activations: bool = False
     seed: int = 42
     logging_steps: PositiveInt = 1
     save_steps: PositiveInt = 50

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .config import RunConfig
 from .errors import ConfigError, FitError
 from .hardware import GIB, HardwareFacts
-from .memory import trainable_params
+from .memory import offloaded_activation_host_bytes, trainable_params
 from .model_shape import ModelShape
 
 # ZeRO-Offload keeps, in host RAM, for every trainable parameter: an fp32 master copy
@@ -36,23 +36,30 @@ QLORA_ZERO3_MEASURED_GIB = (9.3, 13.9)
 OFFLOAD_MEASURED_GIB = (4.94, 5.39)
 
 
-def offloaded_host_bytes(shape: ModelShape, cfg: RunConfig, dtype: str) -> float:
-    """Bytes that ZeRO offload keeps in host RAM on one node (0 without offload).
+def offloaded_host_bytes(shape: ModelShape, cfg: RunConfig, dtype: str, longest: int | None = None) -> float:
+    """Bytes that offload to host RAM keeps on one node (0 without offload): ZeRO's, and
+    train.offload_activations' (``longest``: the dataset's longest example, if known).
 
     ZeRO partitions optimizer state (and, at stage 3, parameters) over every rank of
     every node, and each rank offloads its partition to its own host: one node holds
-    1/nodes of the total, assuming identical nodes."""
+    1/nodes of the total, assuming identical nodes. Activations are not partitioned:
+    each GPU process offloads its own micro-batch's."""
     ds = cfg.deepspeed
     total = 0.0
     if ds.offload_optimizer:
         total += OFFLOAD_OPTIMIZER_BYTES * trainable_params(shape, cfg)
     if ds.offload_params:
         total += (4 if dtype == "float32" else 2) * shape.total_params  # the 16-bit (or fp32) weights
-    return total / cfg.launch.nodes
+    return total / cfg.launch.nodes + offloaded_activation_host_bytes(shape, cfg, dtype, longest)
 
 
-def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str) -> list[str]:
-    """Raise on a known-bad combination; return notes for pointless-but-harmless ones."""
+def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str, longest: int | None = None) -> list[str]:
+    """Raise on a known-bad combination; return notes for pointless-but-harmless ones.
+
+    train.offload_activations is refused with nothing. Its hooks apply around each decoder
+    layer and pass parameters through as they are (offload.py), so they meet neither
+    ZeRO-3's gathered weights nor parameter offload's; with grad_ckpt they see only the
+    layers' inputs. Under ZeRO offload both share host RAM, which the check below counts."""
     ds, la = cfg.deepspeed, cfg.launch
     notes: list[str] = []
     if la.nodes > 1 and la.master_addr.startswith(LOOPBACK):
@@ -93,22 +100,46 @@ def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str) -
             f"ZeRO-{ds.stage} on one GPU shards nothing: without offload it only adds DeepSpeed's overhead "
             "(set deepspeed.stage=0, or deepspeed.offload_optimizer=true to move optimizer state to host RAM)"
         )
-    need = offloaded_host_bytes(shape, cfg, dtype)
+    if cfg.train.offload_activations and not facts.has_gpu:
+        # A CPU run's activations are in host RAM already: the hooks only copy them within
+        # it. Allowed, so the GPU code path runs (and is tested) on machines without one.
+        notes.append("train.offload_activations on a CPU run saves nothing: the activations already live in host RAM")
+    # On a CPU-only machine nothing is offloaded from a GPU (ZeRO is refused there before this).
+    need = offloaded_host_bytes(shape, cfg, dtype, longest) if facts.has_gpu else 0.0
+    acts = offloaded_activation_host_bytes(shape, cfg, dtype, longest) if facts.has_gpu else 0.0
+    if acts:
+        # Not in the GPU breakdown, so the plan says where it went and what it costs.
+        notes.append(
+            f"train.offload_activations keeps about {acts / GIB:.1f} GiB of activations in pinned host RAM per node, "
+            "copied out and back over PCIe each micro-batch (its speed cost is not yet measured on a GPU)"
+        )
     if need and facts.host_ram_bytes:
         usable = facts.host_ram_bytes * HOST_RAM_USABLE
         what = " and ".join(
-            w for w, on in (("optimizer state", ds.offload_optimizer), ("parameters", ds.offload_params)) if on
+            w
+            for w, on in (
+                ("optimizer state", ds.offload_optimizer),
+                ("parameters", ds.offload_params),
+                ("activations", cfg.train.offload_activations),
+            )
+            if on
         )
+        zero = ds.offload_optimizer or ds.offload_params
         if need > usable:
+            fixes = ["use a machine with more RAM"]
+            if zero:
+                fixes += ["more nodes (--nodes)", "fewer trainable parameters (a LoRA method, lower lora.r)"]
+                fixes += ["turn off deepspeed.offload_params"] if ds.offload_params else []
+            if cfg.train.offload_activations:
+                fixes += ["a shorter data.seq_len or a smaller train.micro_batch"]
             raise FitError(
-                f"ZeRO offload of {what} needs about {need / GIB:.1f} GiB of host RAM per node, and this machine has "
+                f"offloading {what} needs about {need / GIB:.1f} GiB of host RAM per node, and this machine has "
                 f"{facts.host_ram_bytes / GIB:.1f} GiB ({HOST_RAM_USABLE:.0%} usable: {usable / GIB:.1f} GiB)",
-                "use a machine with more RAM, more nodes (--nodes), fewer trainable parameters (a LoRA method, lower lora.r), "
-                "or turn off deepspeed.offload_params",
+                ", ".join(fixes[:-1]) + ", or " + fixes[-1] if len(fixes) > 1 else fixes[0],
             )
         if need > facts.host_ram_available_bytes:
             notes.append(
-                f"ZeRO offload needs about {need / GIB:.1f} GiB of host RAM; only "
+                f"offloading {what} needs about {need / GIB:.1f} GiB of host RAM; only "
                 f"{facts.host_ram_available_bytes / GIB:.1f} GiB is available now (other processes hold the rest)"
             )
     return notes

@@ -1,7 +1,8 @@
 """Auto-fit: the fastest configuration whose predicted peak fits the budget. Pure.
 
 Searches method, sequence length, micro-batch (keeping the effective batch),
-gradient checkpointing, optimizer and, with several GPUs, the DeepSpeed ZeRO stage
+gradient checkpointing, optimizer, activations in host RAM (only where that reaches a
+longer sequence) and, with several GPUs, the DeepSpeed ZeRO stage
 (on one GPU, ZeRO-3 with CPU offload as the last resort when nothing else fits),
 never touching what the user pinned, and explains each choice in a line. Predictions come from the calibrated memory model
 (memory.py) and speed model (speed.py).
@@ -16,7 +17,7 @@ from .config import RunConfig
 from .distributed import HOST_RAM_USABLE, OFFLOAD_OPTIMIZERS, offloaded_host_bytes
 from .errors import FitError
 from .kernels import LIGER_MODEL_TYPES
-from .memory import estimate
+from .memory import GIB, estimate, offloaded_activation_host_bytes
 from .model_shape import ModelShape
 from .speed import LengthStats, estimate_speed
 
@@ -104,8 +105,12 @@ def auto_fit(
         return ["adamw_torch"] if method != "full" else ["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 
     ds_pinned = any(k.startswith("deepspeed.") for k in pinned)
+    acts_pinned = "train.offload_activations" in pinned
+    longest = lengths.longest if lengths else None
 
-    def search(zero: list[dict], method_list: list[str]) -> tuple[list[Candidate], Candidate | None]:
+    def search(
+        zero: list[dict], method_list: list[str], offload_acts: bool = base.train.offload_activations if acts_pinned else False
+    ) -> tuple[list[Candidate], Candidate | None]:
         found: list[Candidate] = []
         least: Candidate | None = None
         for method, seq, mb, ckpt, ds in itertools.product(method_list, seqs, mbs, ckpts, zero):
@@ -123,11 +128,12 @@ def auto_fit(
                     train__grad_accum=ga,
                     train__grad_ckpt=ckpt,
                     train__optimizer=opt,
+                    train__offload_activations=offload_acts,
                     **ds,
                 )
-                if host_ram_bytes and offloaded_host_bytes(shape, cfg, dtype) > host_ram_bytes * HOST_RAM_USABLE:
+                if host_ram_bytes and offloaded_host_bytes(shape, cfg, dtype, longest) > host_ram_bytes * HOST_RAM_USABLE:
                     continue  # distributed.check would refuse it
-                peak = estimate(shape, cfg, dtype, "cuda", lengths.longest if lengths else None).peak_gib
+                peak = estimate(shape, cfg, dtype, "cuda", longest).peak_gib
                 speed = estimate_speed(shape, cfg, lengths, gpu_name).tokens_per_s
                 cand = Candidate(cfg, peak, speed)
                 if least is None or peak < least.peak_gib:
@@ -136,13 +142,29 @@ def auto_fit(
                     found.append(cand)
         return found, least
 
+    def reach(found: list[Candidate]) -> int:
+        return max((c.config.data.seq_len for c in found), default=0)
+
+    def search_longer(zero: list[dict], method_list: list[str]) -> tuple[list[Candidate], Candidate | None, int]:
+        """search(), then with the activations in host RAM, kept only at sequences nothing
+        fits without: the PCIe copies cost speed, so they are for length, never for
+        speed. Also returns the longest sequence that fits without them."""
+        found, least = search(zero, method_list)
+        plain = reach(found)
+        if acts_pinned or plain == seqs[0]:
+            return found, least, plain
+        more, least_off = search(zero, method_list, offload_acts=True)
+        if least_off is not None and (least is None or least_off.peak_gib < least.peak_gib):
+            least = least_off
+        return found + [c for c in more if c.config.data.seq_len > plain], least, plain
+
     if ds_pinned:
         stages = [{}]
     elif world > 1:
         stages = [{"deepspeed__stage": s} for s in (0, 2, 3)]
     else:
         stages = [{"deepspeed__stage": 0}]
-    feasible, smallest = search(stages, methods)
+    feasible, smallest, without_acts = search_longer(stages, methods)
     if not feasible and world == 1 and not ds_pinned:
         # Last resort on one GPU: ZeRO-3 streaming the weights from host RAM and keeping
         # the optimizer there, with the fused loss (no full-vocabulary logits): the 8 GB
@@ -150,7 +172,7 @@ def auto_fit(
         offload = {"deepspeed__stage": 3, "deepspeed__offload_params": True, "deepspeed__offload_optimizer": True}
         if "kernels.fused_loss" not in pinned and shape.model_type in LIGER_MODEL_TYPES:
             offload["kernels__fused_loss"] = True
-        feasible, least = search([offload], [m for m in methods if m != "qlora"] or methods)
+        feasible, least, without_acts = search_longer([offload], [m for m in methods if m != "qlora"] or methods)
         if least is not None and (smallest is None or least.peak_gib < smallest.peak_gib):
             smallest = least
 
@@ -161,7 +183,8 @@ def auto_fit(
         raise FitError(
             f"nothing fits {budget_gib:g} GiB for this model: the smallest plan needs {need:.1f} GiB "
             f"({c.method}, seq {c.data.seq_len}, micro-batch {c.train.micro_batch}, "
-            f"checkpointing {'on' if c.train.grad_ckpt else 'off'}{_zero_words(c)})",
+            f"checkpointing {'on' if c.train.grad_ckpt else 'off'}{_zero_words(c)}"
+            f"{', activations in host RAM' if c.train.offload_activations else ''})",
             f"use --budget {need:.1f} or more, a smaller model"
             + (", or unpin what you set with --set/--config" if pinned - {"budget_gib", "model.name", "data.path"} else ""),
         )
@@ -170,7 +193,27 @@ def auto_fit(
     best_seq = max(c.config.data.seq_len for c in feasible)
     at_seq = [c for c in feasible if c.config.data.seq_len == best_seq]
     best = max(at_seq, key=lambda c: (c.tokens_per_s, -STAGE_PREFERENCE[c.config.deepspeed.stage]))
-    return best.config, _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, world)
+    lines = _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, world)
+    lines.insert(-1, _offload_line(best, pinned, without_acts, seqs[0], shape, dtype, lengths, gpu_name))
+    return best.config, lines
+
+
+def _offload_line(best, pinned, without: int, top: int, shape, dtype, lengths, gpu_name) -> str:
+    """Why the activations are (not) kept in host RAM."""
+    c = best.config
+    if "train.offload_activations" in pinned:
+        return f"train.offload_activations {str(c.train.offload_activations).lower()}: pinned"
+    if not c.train.offload_activations:
+        return "train.offload_activations false: " + (
+            f"not needed, seq {top} fits without it" if without == top else "it fits no longer sequence"
+        )
+    plain = estimate_speed(shape, _with(c, train__offload_activations=False), lengths, gpu_name).tokens_per_s
+    host = offloaded_activation_host_bytes(shape, c, dtype, lengths.longest if lengths else None) / GIB
+    return (
+        f"train.offload_activations true: saved activations in host RAM ({host:.1f} GiB), "
+        + (f"since without it the longest that fits is seq {without}" if without else "since nothing fits without it")
+        + f"; crossing PCIe costs ~{1 - best.tokens_per_s / plain:.0%} of the speed (predicted, not yet measured)"
+    )
 
 
 def _zero_words(c: RunConfig) -> str:

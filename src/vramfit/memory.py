@@ -75,6 +75,16 @@ OTHER_SLACK = 0.04
 ACT_CORE = 0.85
 ACT_LORA_DROPOUT = 1.41
 
+# train.offload_activations without grad_ckpt copies each saved tensor once per op that
+# saves it, and several ops save the same one (q/k/v's LoRA A all save the normed input):
+# on CPU (tests/test_offload.py) the host copies came to 1.2-2.05x the GPU figure above.
+# Pinned host memory then rounds every copy up to a power of two (torch's
+# CachingHostAllocator): 1.44x over sizes on average, 2x at worst. 2.1 x 1.5: a guess in
+# the upper range, not measured on a GPU. (With grad_ckpt the copies are the layers'
+# inputs, one per layer, and are counted exactly.)
+OFFLOAD_SAVED_COPIES = 2.1
+OFFLOAD_PINNED_ROUNDING = 1.5
+
 @dataclass(frozen=True)
 class MemoryBreakdown:
     weights: float
@@ -143,6 +153,65 @@ def layer_activation_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int) 
         linears = shape.layer_linears()
         units += ACT_LORA_DROPOUT * sum(linears[t][0] for t in _targets(shape, cfg))
     return cfg.train.micro_batch * cfg.data.seq_len * dtype_bytes * units
+
+
+def _pinned(nbytes: float) -> float:
+    """Host bytes a pinned copy takes: the CachingHostAllocator rounds to a power of two."""
+    return float(1 << math.ceil(math.log2(nbytes))) if nbytes >= 1 else 0.0
+
+
+def _activation_sizes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, longest: int | None) -> tuple[float, float]:
+    """(one decoder layer's input, one layer's saved activations) for the longest micro-batch."""
+    # Packed rows fill up to seq_len whatever the longest example (see estimate).
+    seq = min(cfg.data.seq_len, longest) if longest and not cfg.data.packing else cfg.data.seq_len
+    block_input = cfg.train.micro_batch * seq * shape.hidden * dtype_bytes
+    return block_input, layer_activation_bytes(shape, cfg, dtype_bytes) * seq / cfg.data.seq_len
+
+
+def offloaded_activation_gpu_bytes(layers: int, block_input: float, layer_acts: float, ckpt: bool) -> tuple[float, float]:
+    """Saved activations left on the GPU with train.offload_activations: (at the loss, in
+    the backward). Only what is in flight stays. With checkpointing every layer's input
+    is in host RAM; at the loss one input-sized transfer buffer is counted, and in the
+    backward the layer being recomputed, its input copied back and the next one's
+    transfer. Without it, one layer's saved tensors (the one being copied out in the
+    forward, or back in the backward). Never more than without offload: a one-layer
+    model has nothing to gain."""
+    if ckpt:
+        offloaded = (block_input, layer_acts + 2 * block_input)
+        kept = (layers * block_input, layers * block_input + layer_acts)
+    else:
+        offloaded = (layer_acts, layer_acts)
+        kept = (layers * layer_acts, layer_acts)
+    return min(offloaded[0], kept[0]), min(offloaded[1], kept[1])
+
+
+def offloaded_activation_transfer_bytes(
+    shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", longest: int | None = None
+) -> float:
+    """Bytes train.offload_activations copies to host RAM per micro-batch (and back in the
+    backward), on one GPU; 0 without it."""
+    if not cfg.train.offload_activations:
+        return 0.0
+    block_input, layer_acts = _activation_sizes(shape, cfg, _dtype_bytes(dtype), longest)
+    if cfg.train.grad_ckpt:
+        return shape.layers * block_input
+    return shape.layers * layer_acts * OFFLOAD_SAVED_COPIES
+
+
+def offloaded_activation_host_bytes(
+    shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", longest: int | None = None
+) -> float:
+    """Host RAM that train.offload_activations takes on one node: every GPU process's
+    offloaded activations in pinned memory (which the allocator keeps cached from one
+    micro-batch to the next). 0 without it."""
+    if not cfg.train.offload_activations:
+        return 0.0
+    block_input, _ = _activation_sizes(shape, cfg, _dtype_bytes(dtype), longest)
+    if cfg.train.grad_ckpt:
+        per_gpu = shape.layers * _pinned(block_input)
+    else:
+        per_gpu = offloaded_activation_transfer_bytes(shape, cfg, dtype, longest) * OFFLOAD_PINNED_ROUNDING
+    return per_gpu * cfg.launch.gpus
 
 
 def _optimizer_bytes(shape: ModelShape, cfg: RunConfig, n_train: int, state_bytes: int) -> tuple[float, float]:
@@ -250,9 +319,15 @@ def estimate(
 
     seq = min(cfg.data.seq_len, longest) if longest and not cfg.data.packing else cfg.data.seq_len
     tokens = cfg.train.micro_batch * seq
-    layer_acts = layer_activation_bytes(shape, cfg, b) * seq / cfg.data.seq_len
-    ckpt_inputs = shape.layers * tokens * shape.hidden * b
-    saved = ckpt_inputs if cfg.train.grad_ckpt else shape.layers * layer_acts
+    block_input, layer_acts = _activation_sizes(shape, cfg, b, longest)
+    ckpt_inputs = shape.layers * block_input
+    ckpt = cfg.train.grad_ckpt
+    # Saved activations live at the loss, and in the backward (one block recomputed).
+    saved = ckpt_inputs if ckpt else shape.layers * layer_acts
+    in_backward = ckpt_inputs + layer_acts if ckpt else layer_acts
+    if cfg.train.offload_activations and device == "cuda":
+        # On a CPU run host RAM is where they already are.
+        saved, in_backward = offloaded_activation_gpu_bytes(shape.layers, block_input, layer_acts, ckpt)
     if cfg.kernels.fused_loss:
         logits = fused_loss_bytes(shape, tokens, b, head_trainable=cfg.method == "full")
         loss_slack = OTHER_SLACK * logits
@@ -265,10 +340,7 @@ def estimate(
     base = weights + adapters + optimizer
     phases = {
         "loss": (base + saved + logits, {"activations": saved, "logits": logits}),
-        "backward": (
-            base + gradients + (ckpt_inputs + layer_acts if cfg.train.grad_ckpt else layer_acts),
-            {"gradients": gradients, "activations": ckpt_inputs + layer_acts if cfg.train.grad_ckpt else layer_acts},
-        ),
+        "backward": (base + gradients + in_backward, {"gradients": gradients, "activations": in_backward}),
         "optimizer step": (base + gradients + opt_temp, {"gradients": gradients, "optimizer": optimizer + opt_temp}),
     }
     slack = {

@@ -138,7 +138,7 @@ def build_plan(
         )
     dtype = resolve_dtype(config.model.dtype, facts)
     # Known-bad distributed/offload combinations fail here, before anything launches.
-    notes: list[str] = distributed.check(config, shape, facts, dtype)
+    notes: list[str] = distributed.check(config, shape, facts, dtype, lengths.longest if lengths else None)
     if config.budget_gib is not None:
         src = (sources or {}).get("budget_gib", "flag")
         budget, budget_source = config.budget_gib, "--budget" if src == "flag" else f"budget_gib from {src}"

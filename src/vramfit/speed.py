@@ -11,7 +11,10 @@ to the calibration runs (docs/benchmarks/calibration/, H200):
   (forward, backward, recompute), independent of the tokens in the micro-batch;
 - per-layer launch overhead per pass (Python, PEFT/bitsandbytes wrappers, kernel
   launches): what makes small micro-batches slow;
-- the loss over full-vocabulary logits, memory-bound: tokens x vocabulary.
+- the loss over full-vocabulary logits, memory-bound: tokens x vocabulary;
+
+plus, with train.offload_activations, the saved activations' copies to host RAM and
+back over PCIe (not yet measured on a GPU: OFFLOAD_PCIE_GB_S).
 
 Padding counts: a micro-batch pads to its longest example, so the speed in real
 tokens is the padded speed times (mean length / padded length). With packing the
@@ -26,6 +29,7 @@ from functools import lru_cache
 
 from .config import RunConfig
 from .data import pack_rows
+from .memory import offloaded_activation_transfer_bytes
 from .model_shape import ModelShape
 
 # Dense bf16 tensor throughput (TFLOP/s, no sparsity) by GPU name, from the vendors'
@@ -76,6 +80,18 @@ ZERO3_S_PER_GB_PASS = {"16bit": 0.0321, "4bit": 0.100}
 # ... and with the parameters offloaded to host RAM, what streaming them over PCIe adds
 # per GB per pass (the 8 GB seed route: 3B LoRA, seq 4096, 1 H200; one run).
 ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0500
+# train.offload_activations: GB/s of each copy (device to host in the forward, back in
+# the backward). The copies are queued on the compute stream, so they add to the step
+# rather than overlap it. A placeholder, to be calibrated: about what pinned copies reach
+# on PCIe 4.0 x16 (consumer cards; a 4060's x8 link gets half, H100/H200 hosts on PCIe
+# 5.0 about twice). The one GPU figure (shared/gpu/README.md, H200, Qwen2.5-7B QLoRA r8
+# q/v with liger-kernel: 11,121 tokens/s at seq 4096 without offload, 10,420 at 8192 with
+# save_on_cpu: 6.3% fewer tokens/s) cannot isolate it: doubling the sequence also adds
+# attention work (+7% FLOPs per token by this model) and halves the per-token share of the
+# per-micro-batch overheads. Were the copies the only change, 2 x 1.64 GB would have taken
+# at most 50 ms there (>= 66 GB/s), so on an H200 this constant predicts them slower than
+# they are.
+OFFLOAD_PCIE_GB_S = 25.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +171,10 @@ def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tfl
         else:
             per_gb = ZERO3_S_PER_GB_PASS["16bit"] + (ZERO3_OFFLOAD_S_PER_GB_PASS if cfg.deepspeed.offload_params else 0.0)
             seconds += per_gb * passes * shape.total_params * 2 / 1e9
+    # Out to host RAM in the forward and back in the backward; micro_step_seconds is
+    # called at the padded length, the length the copies have.
+    moved = offloaded_activation_transfer_bytes(shape, cfg, longest=max(1, round(padded_len)))
+    seconds += 2 * moved / (OFFLOAD_PCIE_GB_S * 1e9)
     return seconds
 
 

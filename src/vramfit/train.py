@@ -121,6 +121,10 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
 
     tokens_seen = 0
     longest_first = False
+    # train.offload_activations: the hooks (offload.HostActivations), and the most that one
+    # micro-batch moved to host RAM: (bytes, tensors, padded tokens of that micro-batch).
+    host_activations = None
+    offloaded_peak = (0, 0, 0)
 
     def _get_train_sampler(self, train_dataset=None):
         # `vramfit train --probe` meets the peak in its few steps: longest examples first, in order.
@@ -140,7 +144,12 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
             self.tokens_seen += int(packed)
         elif mask is not None:
             self.tokens_seen += int(mask.sum())
-        return super().training_step(model, inputs, *args, **kwargs)
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.host_activations is not None:
+            tensors, moved = self.host_activations.reset()
+            if moved > self.offloaded_peak[0]:
+                self.offloaded_peak = (moved, tensors, int(inputs["input_ids"].numel()))
+        return loss
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         # Training and evaluation both reach the model through here: the count is not its input.
@@ -246,6 +255,25 @@ def load_model(doc: dict[str, Any], cfg: RunConfig, run_dir: Path):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         deepspeed.zero.register_external_parameter(model, base.get_output_embeddings().weight)
     return model
+
+
+def offload_activations(model, cfg: RunConfig, device: str, log: Log):
+    """Keep what the decoder layers save for backward in host RAM (offload.py), pinned on
+    CUDA so the copies are asynchronous DMA. Module hooks, so they survive the Trainer's
+    wrapping (DDP, DeepSpeed) and its enabling of checkpointing later, in train()."""
+    from .offload import HostActivations, install
+
+    hooks = HostActivations(pin_memory=device == "cuda")
+    layers = install(model, hooks)
+    if not layers:
+        raise VramfitError(
+            "train.offload_activations: this model has no transformers GradientCheckpointingLayer decoder layers, "
+            "so there is nothing it knows how to offload",
+            "plan again with --set train.offload_activations=false",
+        )
+    what = "input" if cfg.train.grad_ckpt else "saved activations"
+    log(f"activations: each of {layers} decoder layers keeps its {what} in host RAM until backward")
+    return hooks
 
 
 def save_final(trainer: Trainer, tokenizer, run_dir: Path, name: str) -> Path:
@@ -486,6 +514,8 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         callbacks=[progress],
     )
     trainer.longest_first = longest_first
+    if cfg.train.offload_activations:
+        trainer.host_activations = offload_activations(model, cfg, doc["device"], log)
     trainer_ref.append(trainer)
     from transformers.trainer_callback import PrinterCallback
 
@@ -538,6 +568,10 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         "output": str(final),
         **monitor.summary(),
     }
+    if trainer.host_activations is not None:
+        moved, tensors, tokens = trainer.offloaded_peak
+        # The micro-batch that moved the most: memory.offloaded_activation_transfer_bytes predicts it.
+        metrics["offloaded_activations"] = {"bytes": moved, "gib": round(moved / GIB, 4), "tensors": tensors, "tokens": tokens}
     if per_rank:
         # Each GPU's own peak: ranks differ (rank 0 also gathers for saves), and a card
         # OOMs on its own figure, so the largest is the one to compare with the plan.

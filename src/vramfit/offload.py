@@ -1,0 +1,115 @@
+"""``train.offload_activations``: what the decoder layers save for backward lives in host RAM.
+
+Imported only by ``train.py`` (it imports torch at top level, like the trainer).
+
+``HostActivations`` is ``torch.autograd.graph.save_on_cpu`` with three changes:
+
+- parameters pass through untouched. save_on_cpu would copy every weight an op saves
+  (``F.linear`` saves its weight to compute the input's gradient) to host RAM and, in
+  backward, back to a second GPU copy: more GPU memory at the backward, not less. Under
+  ZeRO-3 the weight saved is the Parameter itself, gathered only while it computes;
+  DeepSpeed gathers it again for backward, so it must be saved as the Parameter.
+- it counts what it moves (``tensors``, ``bytes``), for metrics.json and the tests.
+- it copies into a new host tensor even when the tensor is already on the CPU, so a
+  CPU run exercises the same pack/unpack path as a GPU run (save_on_cpu's unpinned
+  path returns a CPU tensor itself).
+
+Where the hooks apply (``install``): around each outermost transformers
+``GradientCheckpointingLayer`` call, not around the whole forward. Saved-tensor hooks
+form a stack and only the innermost pair applies (torch/autograd/graph.py). With
+``grad_ckpt`` (non-reentrant ``torch.utils.checkpoint``, as render.py sets it) the layer's
+call is ``checkpoint(forward, hidden_states)``: checkpoint saves its positional inputs
+for backward *before* pushing its own hooks (``_checkpoint_without_reentrant_generator``
+in torch/utils/checkpoint.py), so our pack hook sees exactly the layer's input; inside
+the block, checkpoint's own hook is innermost and keeps only placeholders. In backward the block is recomputed from the raw ``forward``
+(no module hooks fire) under checkpoint's ``_recomputation_hook``, outside our forward
+scope, so the recomputed tensors stay on the GPU for the moment they are needed and
+nothing is copied twice. Without ``grad_ckpt`` every tensor a layer saves goes to host
+RAM. Either way the embeddings, the final norm, the head and the loss stay on the GPU:
+the loss's tensors are needed again at once (the backward starts there), so moving
+them would cost PCIe time for no memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class HostActivations(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks that keep tensors in (pinned, on CUDA) host RAM until backward."""
+
+    def __init__(self, pin_memory: bool) -> None:
+        self.pin_memory = pin_memory
+        self.tensors = 0
+        self.bytes = 0
+
+        def pack(t: torch.Tensor):
+            # A parameter, or a view of one (``F.linear`` saves ``weight.t()``). By identity,
+            # not by storage address: DeepSpeed re-points parameters at new buffers (ZeRO-2
+            # flattens them, ZeRO-3 gathers them anew for every use).
+            if t.is_sparse or isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
+                return t  # a leaf or a view of one: holding it makes no reference cycle
+            # With pin_memory the device-to-host copy is queued on the compute stream and
+            # the GPU tensor can be freed as soon as nothing else holds it: the kernels
+            # that reuse its memory run after the copy, in stream order.
+            with torch.no_grad():
+                host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=self.pin_memory)
+                host.copy_(t, non_blocking=self.pin_memory)
+            self.tensors += 1
+            self.bytes += t.numel() * t.element_size()
+            return (t.device, host)
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, host = packed
+            return host.to(device, non_blocking=self.pin_memory)
+
+        super().__init__(pack, unpack)
+
+    def reset(self) -> tuple[int, int]:
+        """(tensors, bytes) moved since the last reset; start counting again."""
+        moved = (self.tensors, self.bytes)
+        self.tensors = self.bytes = 0
+        return moved
+
+
+def outermost_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers: transformers GradientCheckpointingLayer modules not inside another one.
+
+    An inner one would push our hooks inside a checkpointed block, above checkpoint's own,
+    and the block's tensors would then be copied instead of recomputed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    found: list[str] = []
+    layers: list[nn.Module] = []
+    for name, module in model.named_modules():
+        if isinstance(module, GradientCheckpointingLayer) and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+            layers.append(module)
+    return layers
+
+
+def install(model: nn.Module, hooks: HostActivations) -> int:
+    """Apply ``hooks`` around every decoder layer's call; returns how many layers.
+
+    Only while gradients are being recorded: an evaluation forward saves nothing."""
+    layers = outermost_layers(model)
+    for layer in layers:
+        pushed: list[bool] = []
+
+        def enter(_module, _args, pushed=pushed):
+            on = torch.is_grad_enabled()
+            if on:
+                hooks.__enter__()
+            pushed.append(on)
+
+        def leave(_module, _args, _output, pushed=pushed):
+            if pushed.pop():
+                hooks.__exit__()
+
+        layer.register_forward_pre_hook(enter)
+        # always_call: a forward that raises still pops the hooks it pushed.
+        layer.register_forward_hook(leave, always_call=True)
+    return len(layers)
