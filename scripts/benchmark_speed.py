@@ -60,7 +60,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "src"))
-from prove_distributed import Runner, summary, vramfit  # noqa: E402
+from prove_distributed import Runner, summary  # noqa: E402
+from vramfit.cli import _flat as flat  # noqa: E402  (dotted keys, launch.env kept whole: as the CLI compares plans)
 from prove_preset import input_commands, versions  # noqa: E402
 
 PY = sys.executable
@@ -307,16 +308,6 @@ def loss_agreement(ref: list[float], other: list[float], k: float = 3.0) -> dict
         "seed_loss_noise": round(noise, 4) if noise is not None else None,
         "loss_within_noise": (max(diffs) <= k * noise) if noise is not None else None,
     }
-
-
-def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "env":
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = ("model.name", "data.path", "train.max_steps")) -> dict[str, tuple]:

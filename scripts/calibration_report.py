@@ -45,6 +45,28 @@ def config_for(row: dict):
     return resolve([("24gb", load_preset("24gb").values), ("--set", parse_set(sets))]).config
 
 
+def _measured(cfg, b, m: dict, measured: float, reserved: float, gpu, r: dict, source: str, command: str) -> dict:
+    """The CSV columns every measured row shares: prediction against measurement, the
+    GPU, the versions and the command."""
+    return {
+        "zero_stage": cfg.deepspeed.stage,
+        "gpus": cfg.world_size,
+        "predicted_gib": round(b.peak_gib, 3),
+        "measured_gib": measured,
+        "error_pct": round(100 * (b.peak_gib - measured) / measured, 2),
+        "peak_phase": b.phase,
+        "measured_reserved_gib": reserved,
+        "measured_allocated_gib": m["peak_allocated_gib"],
+        "outside_allocator_gib": m.get("outside_allocator_gib"),
+        "tokens_per_s": m.get("steady_tokens_per_s"),
+        "gpu": gpu,
+        **{k: r["versions"].get(k) for k in ("torch", "transformers", "peft", "bitsandbytes")},
+        "date": r["date"],
+        "source": source,
+        "command": command,
+    }
+
+
 def rows(raw: Path) -> list[dict]:
     out = []
     for line in raw.read_text().splitlines():
@@ -59,21 +81,7 @@ def rows(raw: Path) -> list[dict]:
         out.append(
             {
                 **{k: r[k] for k in ("arch", "method", "lora_r", "targets", "micro_batch", "seq_len", "grad_ckpt", "optimizer")},
-                "zero_stage": cfg.deepspeed.stage,
-                "gpus": cfg.world_size,
-                "predicted_gib": round(b.peak_gib, 3),
-                "measured_gib": measured,
-                "error_pct": round(100 * (b.peak_gib - measured) / measured, 2),
-                "peak_phase": b.phase,
-                "measured_reserved_gib": m["peak_reserved_gib"],
-                "measured_allocated_gib": m["peak_allocated_gib"],
-                "outside_allocator_gib": m.get("outside_allocator_gib"),
-                "tokens_per_s": m.get("steady_tokens_per_s"),
-                "gpu": r["gpu"],
-                **{k: r["versions"].get(k) for k in ("torch", "transformers", "peft", "bitsandbytes")},
-                "date": r["date"],
-                "source": "matrix",
-                "command": r["command"],
+                **_measured(cfg, b, m, measured, m["peak_reserved_gib"], r["gpu"], r, "matrix", r["command"]),
             }
         )
     return out
@@ -127,21 +135,10 @@ def distributed_rows(raw: Path) -> list[dict]:
                     "seq_len": cfg.data.seq_len,
                     "grad_ckpt": cfg.train.grad_ckpt,
                     "optimizer": cfg.train.optimizer,
-                    "zero_stage": cfg.deepspeed.stage,
-                    "gpus": cfg.world_size,
-                    "predicted_gib": round(b.peak_gib, 3),
-                    "measured_gib": measured,
-                    "error_pct": round(100 * (b.peak_gib - measured) / measured, 2),
-                    "peak_phase": b.phase,
-                    "measured_reserved_gib": m.get("max_rank_peak_reserved_gib") or m["peak_reserved_gib"],
-                    "measured_allocated_gib": m["peak_allocated_gib"],
-                    "outside_allocator_gib": m.get("outside_allocator_gib"),
-                    "tokens_per_s": m.get("steady_tokens_per_s"),
-                    "gpu": m.get("device"),
-                    **{k: r["versions"].get(k) for k in ("torch", "transformers", "peft", "bitsandbytes")},
-                    "date": r["date"],
-                    "source": "distributed",
-                    "command": run["command"],
+                    **_measured(
+                        cfg, b, m, measured, m.get("max_rank_peak_reserved_gib") or m["peak_reserved_gib"], m.get("device"), r,
+                        "distributed", run["command"],
+                    ),
                 }
             )
     return out

@@ -110,14 +110,18 @@ def build_inputs(r: Runner, work: Path, archs: list[str]) -> dict[str, Path]:
     return models
 
 
-def kill_when_logged(proc: subprocess.Popen, run: Path, step: int, sig: int) -> float | None:
-    deadline = time.time() + 500
+def kill_when_logged(
+    proc: subprocess.Popen, run: Path, step: int, sig: int, timeout: float = 500, poll: float = 0.2
+) -> float | None:
+    """Send ``sig`` once RUN/train.log shows ``step``; the time it was sent, or None if
+    the run ended (or ``timeout`` passed) first."""
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         tl = run / "train.log"
         if tl.is_file() and f"step {step}/" in tl.read_text():
             proc.send_signal(sig)
             return time.perf_counter()
-        time.sleep(0.2)
+        time.sleep(poll)
     return None
 
 

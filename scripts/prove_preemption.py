@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from prove_distributed import kill_when_logged as kill_at_step  # noqa: E402
 from prove_preset import input_commands  # noqa: E402  (the same model and data as the preset proofs)
 
 
@@ -80,14 +81,7 @@ def main() -> int:
         return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
 
     def kill_when_logged(proc: subprocess.Popen, run: Path, sig: int) -> float | None:
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            tl = run / "train.log"
-            if tl.is_file() and f"step {a.kill_at}/" in tl.read_text():
-                proc.send_signal(sig)
-                return time.perf_counter()
-            time.sleep(0.1)
-        return None
+        return kill_at_step(proc, run, a.kill_at, sig, timeout=400, poll=0.1)
 
     result: dict = {"kill_at": a.kill_at, "steps": a.steps, "save_steps": 2}
     runs = {k: a.work / f"preempt-{k}-{name}" for k in ("reference", "sigterm", "sigkill")}

@@ -550,7 +550,8 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
             f"rerun the same command, or `vramfit train --resume --out {run_dir}`, to continue",
         )
     final = save_final(trainer, tokenizer, run_dir, final_name)
-    per_rank = _per_rank(monitor.summary())  # every rank takes part
+    memory = monitor.summary()  # samples NVML once more: the figures rank 0 writes and every rank gathers
+    per_rank = _per_rank(memory)  # every rank takes part
 
     metrics = {
         "steps": trainer.state.global_step,
@@ -566,7 +567,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         "budget_gib": cfg.budget_gib,
         "data": s,
         "output": str(final),
-        **monitor.summary(),
+        **memory,
     }
     if trainer.host_activations is not None:
         moved, tensors, tokens = trainer.offloaded_peak
