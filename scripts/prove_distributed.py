@@ -6,6 +6,8 @@ with its commands, exit codes, per-rank measured peaks and the plan's prediction
 
 - ``zero2``: bf16 LoRA on the 7B with the multi-gpu preset (ZeRO-2) on 2 GPUs, and the
   same global batch on 1 GPU without DeepSpeed: both losses per step, tokens/s, speedup.
+- ``scaling``: the same, longer, at micro-batch 8 and 1, ZeRO-2 against plain DDP; one
+  line per run in RESULTS/scaling.jsonl (SCALING below).
 - ``qlora3``: QLoRA on the 7B with ZeRO-3 on 2 GPUs, then ``vramfit merge``.
 - ``full3``: full fine-tuning of the 3B with ZeRO-3 on 2 GPUs, SIGTERM to ``vramfit train``
   mid-run (through accelerate launch: must checkpoint on both ranks and exit 75), the same
@@ -153,6 +155,43 @@ def case_zero2(r: Runner, inp: dict, work: Path, steps: int, only_one: bool = Fa
     return out
 
 
+# The 2-GPU throughput proof: the same global batch (32 sequences of 1024) on 1 GPU and
+# on 2, with ZeRO-2 and with plain DDP (deepspeed.stage=0), at the micro-batch --preset
+# auto picks on an H200 (8, no checkpointing) and at the multi-gpu preset's (1, with
+# checkpointing; half the steps: 6 s each). The 1-GPU run goes first and again after the
+# 2-GPU ones: the two bound the drift.
+SCALING = [
+    # name, gpus, deepspeed.stage, micro_batch, grad_accum, grad_ckpt
+    ("mb8-1gpu", 1, 0, 8, 4, False),
+    ("mb8-2gpu-zero2", 2, 2, 8, 2, False),
+    ("mb8-2gpu-ddp", 2, 0, 8, 2, False),
+    ("mb8-1gpu-again", 1, 0, 8, 4, False),
+    ("mb1-2gpu-ddp", 2, 0, 1, 16, True),
+    ("mb1-2gpu-zero2", 2, 2, 1, 16, True),
+]
+
+
+def case_scaling(r: Runner, inp: dict, work: Path, steps: int, results: Path, meta: dict) -> dict:
+    out: dict = {"case": "scaling", "global_batch": 32, "seq_len": 1024}
+    for name, gpus, stage, mb, ga, ckpt in SCALING:
+        run = work / f"scale-{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        cmd = vramfit("train", "--preset", "multi-gpu", "--gpus", str(gpus), "--out", str(run), "--model", str(inp["qwen2.5-7b"]),
+                      "--data", str(inp["data"]), "--set", "data.seq_len=1024", "--set", f"deepspeed.stage={stage}",
+                      "--set", f"train.micro_batch={mb}", "--set", f"train.grad_accum={ga}",
+                      "--set", f"train.grad_ckpt={str(ckpt).lower()}", "--set", f"train.max_steps={steps if mb > 1 else steps // 2}",
+                      "--set", "train.save_steps=1000", "--set", "train.logging_steps=1")  # fmt: skip
+        rc, secs = r.run(cmd)
+        res = {"case": "scaling", "name": name, "gpus": gpus, "stage": stage, "micro_batch": mb, "grad_accum": ga,
+               "grad_ckpt": ckpt, "command": shlex.join(["vramfit", *cmd[3:]]), "exit": rc, "seconds": secs,
+               **summary(run), **meta}  # fmt: skip
+        with (results / "scaling.jsonl").open("a") as f:  # one line per run: a timeout keeps the finished ones
+            f.write(json.dumps(res) + "\n")
+        out[name] = res.get("metrics", {}).get("steady_tokens_per_s")
+        print(json.dumps({"name": name, "exit": rc, "tok_s": out[name]}), flush=True)
+    return out
+
+
 def case_qlora3(r: Runner, inp: dict, work: Path, steps: int, merge: bool = True) -> dict:
     run = work / "q3-2gpu"
     shutil.rmtree(run, ignore_errors=True)
@@ -226,7 +265,7 @@ def case_offload(r: Runner, inp: dict, work: Path, steps: int, budget: float) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", action="append", required=True, choices=["zero2", "zero2-1gpu", "qlora3", "full3", "offload"])
+    ap.add_argument("--case", action="append", required=True, choices=["zero2", "zero2-1gpu", "scaling", "qlora3", "full3", "offload"])
     ap.add_argument("--no-merge", action="store_true", help="qlora3: skip the merge")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--kill-at", type=int, default=3)
@@ -237,7 +276,7 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
     r = Runner(a.results)
-    which = {"zero2": "qwen2.5-7b", "zero2-1gpu": "qwen2.5-7b", "qlora3": "qwen2.5-7b", "full3": "qwen2.5-3b", "offload": "qwen2.5-3b"}
+    which = {"scaling": "qwen2.5-7b", "zero2": "qwen2.5-7b", "zero2-1gpu": "qwen2.5-7b", "qlora3": "qwen2.5-7b", "full3": "qwen2.5-3b", "offload": "qwen2.5-3b"}
     archs = sorted({which[c] for c in a.case})
     inp = build_inputs(r, a.work, archs)
     import torch
@@ -247,7 +286,9 @@ def main() -> int:
     ok = True
     for c in a.case:
         t = time.perf_counter()
-        if c in ("zero2", "zero2-1gpu"):
+        if c == "scaling":
+            res = case_scaling(r, inp, a.work, a.steps, a.results, meta)
+        elif c in ("zero2", "zero2-1gpu"):
             res = case_zero2(r, inp, a.work, a.steps, only_one=c == "zero2-1gpu")
         elif c == "qlora3":
             res = case_qlora3(r, inp, a.work, min(a.steps, 6), merge=not a.no_merge)
