@@ -37,6 +37,7 @@ def test_oom_halves_micro_batch_keeps_effective_batch_and_finishes(tmp_path, cpu
     run_dir = tmp_path / "r"
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["micro_batch"] for e in events] == [[8, 4], [4, 2]]
+    assert events[0]["detail"] == "CUDA out of memory (injected). Tried to allocate 1.00 GiB"  # torch's whole message
     train = yaml.safe_load((run_dir / "plan.yaml").read_text())["config"]["train"]
     assert (train["micro_batch"], train["grad_accum"]) == (2, 4)  # effective batch 8 kept
     args = json.loads((run_dir / "training_args.json").read_text())

@@ -91,6 +91,7 @@ def adjust_after_oom(run_dir: Path) -> dict[str, Any]:
         "needed_at_least_gib": needed,
         "under_prediction_pct": under,
         "message": seen.get("message"),
+        "detail": seen.get("detail"),
     }
     # Training args first, plan last: plan.yaml is what a rerun compares against.
     write_text_atomic(args_file, json.dumps(args, indent=2) + "\n")

@@ -615,7 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         from .oom import OOM_EXIT, OOM_FILE
 
         needed = _needed_at_oom(str(e))
-        record = {"step": _PROGRESS.get("step"), "needed_gib": needed, "message": str(e).split(".")[0]}
+        # detail: torch's whole message, with the card's free memory and the processes holding
+        # the rest (other processes: the usual cause of an OOM the plan did not predict).
+        record = {"step": _PROGRESS.get("step"), "needed_gib": needed, "message": str(e).split(".")[0], "detail": str(e)}
         if int(os.environ.get("RANK", 0)) == 0:
             write_text_atomic(a.run_dir / OOM_FILE, json.dumps(record) + "\n")
         # Not an "error:" line: the launcher decides whether this ends the run (see oom.py).
