@@ -16,6 +16,7 @@ VRAMFIT_GPU_TURN makes the runs take turns for their timed steps, so loading
 overlaps but training never does.
 
     python scripts/calibrate_memory.py --results $OUT --work /tmp/cal --parallel 3 [--only qwen2.5-0.5b]
+    python scripts/calibrate_memory.py --matrix scripts/calibration_matrix_archs.yaml --results $OUT/archs
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from prove_preset import versions  # noqa: E402
 
 TARGETS = {"all": "all-linear", "qkvo": "[q_proj,k_proj,v_proj,o_proj]", "qv": "[q_proj,v_proj]"}
-COLUMNS = ("arch", "method", "lora_r", "targets", "micro_batch", "seq_len", "grad_ckpt", "optimizer")
+# A row's optional ninth column, attn, is model.attn_implementation (sdpa when left out).
+COLUMNS = ("arch", "method", "lora_r", "targets", "micro_batch", "seq_len", "grad_ckpt", "optimizer", "attn")
+
+
+def read_matrix(path: Path) -> list[dict]:
+    return [{"attn": "sdpa", **dict(zip(COLUMNS, r))} for r in yaml.safe_load(path.read_text())["rows"]]
 
 
 @dataclass
@@ -68,6 +74,8 @@ def set_args(row: dict, steps: int) -> list[str]:
     }
     if row["method"] != "full":
         sets.update({"lora.r": row["lora_r"], "lora.alpha": 2 * row["lora_r"], "lora.target_modules": TARGETS[row["targets"]]})
+    if row.get("attn", "sdpa") != "sdpa":  # sdpa rows keep the command they always had
+        sets["model.attn_implementation"] = row["attn"]
     out: list[str] = []
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]
@@ -91,7 +99,7 @@ def main() -> int:
     ap.add_argument("--headroom", type=float, default=0.3, help="cap = prediction * (1 + headroom) + 2 GiB")
     a = ap.parse_args()
 
-    rows = [dict(zip(COLUMNS, r)) for r in yaml.safe_load(a.matrix.read_text())["rows"]]
+    rows = read_matrix(a.matrix)
     if a.only:
         rows = [r for r in rows if r["arch"] in a.only]
     a.work.mkdir(parents=True, exist_ok=True)

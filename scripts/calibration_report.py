@@ -82,6 +82,7 @@ def rows(raw: Path) -> list[dict]:
             {
                 **{k: r[k] for k in ("arch", "method", "lora_r", "targets", "micro_batch", "seq_len", "grad_ckpt", "optimizer")},
                 **_measured(cfg, b, m, measured, m["peak_reserved_gib"], r["gpu"], r, "matrix", r["command"]),
+                "attn": cfg.model.attn_implementation,
             }
         )
     return out
@@ -139,6 +140,7 @@ def distributed_rows(raw: Path) -> list[dict]:
                         cfg, b, m, measured, m.get("max_rank_peak_reserved_gib") or m["peak_reserved_gib"], m.get("device"), r,
                         "distributed", run["command"],
                     ),
+                    "attn": cfg.model.attn_implementation,
                 }
             )
     return out
@@ -191,17 +193,20 @@ def plot(table: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--raw", type=Path, default=ROOT / "docs/benchmarks/calibration/calibration.jsonl")
+    ap.add_argument("--raw", type=Path, nargs="+", default=[ROOT / "docs/benchmarks/calibration/calibration.jsonl"],
+                    help="calibrate_memory.py's calibration.jsonl files (the matrices' runs)")
     ap.add_argument("--csv", type=Path, default=ROOT / "docs/benchmarks/memory-calibration.csv")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--distributed", type=Path, default=ROOT / "docs/benchmarks/distributed/distributed.jsonl")
     a = ap.parse_args()
-    matrix = rows(a.raw)
+    matrix = [r for raw in a.raw for r in rows(raw)]
     extra = distributed_rows(a.distributed)
     table = matrix + extra
+    # attention implementation: a trailing column once some run used other than sdpa
+    fields = FIELDS + (["attn"] if any(r["attn"] != "sdpa" for r in table) else [])
     tmp = a.csv.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(table)
     tmp.replace(a.csv)
@@ -209,7 +214,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(matrix, key=lambda r: (r["arch"], r["method"], r["seq_len"] * r["micro_batch"])):
         print(
-            f"| {r['arch']} | {r['method']} | {r['lora_r'] or '-'} | {r['targets'] if r['method'] != 'full' else '-'} | {r['micro_batch']} "
+            f"| {r['arch']}{'' if r['attn'] == 'sdpa' else ' (' + r['attn'] + ')'} | {r['method']} | {r['lora_r'] or '-'} | {r['targets'] if r['method'] != 'full' else '-'} | {r['micro_batch']} "
             f"| {r['seq_len']} | {'on' if r['grad_ckpt'] else 'off'} | {r['optimizer']} | {r['predicted_gib']:.2f} "
             f"| {r['measured_gib']:.2f} | {r['error_pct']:+.1f}% |"
         )

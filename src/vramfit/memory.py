@@ -1,8 +1,8 @@
 """Predicted peak GPU memory per process, as a breakdown. Pure arithmetic: no torch.
 
 The model follows what vramfit's own training stack (HF Trainer + PEFT +
-bitsandbytes, sdpa attention, PyTorch's caching allocator with expandable segments)
-keeps alive, phase by phase, and takes the largest:
+bitsandbytes, sdpa attention unless the config asks for eager, PyTorch's caching
+allocator with expandable segments) keeps alive, phase by phase, and takes the largest:
 
 - loss: weights, adapters, optimizer state, saved activations, and the loss over
   full-vocabulary logits (the peak of almost every adapter run);
@@ -85,6 +85,21 @@ ACT_LORA_DROPOUT = 1.41
 OFFLOAD_SAVED_COPIES = 2.1
 OFFLOAD_PINNED_ROUNDING = 1.5
 
+# Eager attention (model.attn_implementation=eager; gemma2's default, having no sdpa)
+# materializes every layer's attention scores, micro_batch x heads x seq x seq, which
+# sdpa and flash attention never do. transformers' eager_attention_forward (llama, qwen2,
+# mistral, gemma, gemma2, phi3 alike) takes softmax(scores, dtype=float32).to(query.dtype),
+# and autograd keeps until the layer's backward: the fp32 softmax output (its backward
+# reads it) and the 16-bit copy that the probabilities @ V matmul saved (the same tensor
+# when computing in fp32). With attention dropout the matmul keeps the dropped-out copy
+# instead, plus the dropout's mask (bool on CUDA's fused kernel); gemma2's score
+# softcapping, tanh(s / c) * c, keeps tanh's 16-bit output. The scores before softmax and
+# the fp32 upcast die within the layer. Besides, the causal mask is materialized once per
+# forward, micro_batch x seq x seq in the compute dtype, for every layer to read.
+# Counted on CPU (tests/test_model_shape_archs.py); not yet measured on a GPU.
+EAGER_SOFTMAX_BYTES = 4
+EAGER_DROPOUT_MASK_BYTES = 1
+
 @dataclass(frozen=True)
 class MemoryBreakdown:
     weights: float
@@ -140,19 +155,51 @@ def trainable_params(shape: ModelShape, cfg: RunConfig) -> int:
 
 def _targets(shape: ModelShape, cfg: RunConfig) -> list[str]:
     linears = shape.layer_linears()
-    return list(linears) if cfg.lora.target_modules == "all-linear" else [t for t in cfg.lora.target_modules if t in linears]
+    targets = shape.resolve_targets(cfg.lora.target_modules)
+    return list(linears) if targets == "all-linear" else [t for t in targets if t in linears]
 
 
-def layer_activation_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int) -> float:
-    """Activations one decoder block saves for backward over one micro-batch."""
+def eager_score_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int) -> int:
+    """Bytes eager attention keeps per attention score and layer (EAGER_SOFTMAX_BYTES);
+    0 for sdpa and flash attention."""
+    if cfg.model.attn_implementation != "eager":
+        return 0
+    dropout = shape.attention_dropout > 0
+    per_score = EAGER_SOFTMAX_BYTES + (EAGER_DROPOUT_MASK_BYTES if dropout else 0)
+    if dtype_bytes != EAGER_SOFTMAX_BYTES or dropout:
+        per_score += dtype_bytes  # the 16-bit probabilities (or dropped-out copy) @ V saved
+    if shape.attn_softcap:
+        per_score += dtype_bytes
+    return per_score
+
+
+def eager_attention_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq: int | None = None) -> float:
+    """Attention scores (and what softmax leaves of them) that eager attention keeps for
+    backward in one decoder layer over one micro-batch of ``seq`` tokens (default
+    seq_len): quadratic in the sequence. 0 for sdpa and flash attention."""
+    seq = seq or cfg.data.seq_len
+    return cfg.train.micro_batch * shape.heads * seq * seq * eager_score_bytes(shape, cfg, dtype_bytes)
+
+
+def eager_mask_bytes(cfg: RunConfig, dtype_bytes: int, seq: int) -> float:
+    """The causal mask eager attention reads from a materialized tensor (sdpa needs none
+    without padding): one per forward pass."""
+    return cfg.train.micro_batch * seq * seq * dtype_bytes if cfg.model.attn_implementation == "eager" else 0.0
+
+
+def layer_activation_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq: int | None = None) -> float:
+    """Activations one decoder block saves for backward over one micro-batch of ``seq``
+    tokens (default seq_len)."""
+    seq = seq or cfg.data.seq_len
     h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
-    units = ACT_CORE * (4 * h + 2 * q + 2 * kv + 4 * i)
+    # 2h per RMSNorm: ACT_CORE's 4h was fitted to blocks of two.
+    units = ACT_CORE * (2 * shape.layer_norms * h + 2 * q + 2 * kv + 4 * i)
     if cfg.method == "full":
         units += 2 * h + q + i
     elif cfg.lora.dropout > 0:
         linears = shape.layer_linears()
         units += ACT_LORA_DROPOUT * sum(linears[t][0] for t in _targets(shape, cfg))
-    return cfg.train.micro_batch * cfg.data.seq_len * dtype_bytes * units
+    return cfg.train.micro_batch * seq * dtype_bytes * units + eager_attention_bytes(shape, cfg, dtype_bytes, seq)
 
 
 def _pinned(nbytes: float) -> float:
@@ -165,7 +212,7 @@ def _activation_sizes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, longe
     # Packed rows fill up to seq_len whatever the longest example (see estimate).
     seq = min(cfg.data.seq_len, longest) if longest and not cfg.data.packing else cfg.data.seq_len
     block_input = cfg.train.micro_batch * seq * shape.hidden * dtype_bytes
-    return block_input, layer_activation_bytes(shape, cfg, dtype_bytes) * seq / cfg.data.seq_len
+    return block_input, layer_activation_bytes(shape, cfg, dtype_bytes, seq)
 
 
 def offloaded_activation_gpu_bytes(layers: int, block_input: float, layer_acts: float, ckpt: bool) -> tuple[float, float]:
@@ -328,11 +375,15 @@ def estimate(
     if cfg.train.offload_activations and device == "cuda":
         # On a CPU run host RAM is where they already are.
         saved, in_backward = offloaded_activation_gpu_bytes(shape.layers, block_input, layer_acts, ckpt)
+    mask = eager_mask_bytes(cfg, b, seq)
+    saved, in_backward = saved + mask, in_backward + mask
     if cfg.kernels.fused_loss:
         logits = fused_loss_bytes(shape, tokens, b, head_trainable=cfg.method == "full")
         loss_slack = OTHER_SLACK * logits
     else:
-        logits = tokens * shape.vocab * LOSS_BYTES
+        # Logit softcapping (gemma2: tanh(logits / c) * c) keeps tanh's 16-bit output for
+        # backward through the loss's peak (counted on CPU; the fused loss caps in its chunks).
+        logits = tokens * shape.vocab * (LOSS_BYTES + (b if shape.final_softcap else 0))
         fp32_logits = tokens * shape.vocab * 4
         knee = LOSS_SLACK_KNEE_GIB * GIB
         loss_slack = fp32_logits if fp32_logits <= knee else knee + LOSS_SLACK_ABOVE * (fp32_logits - knee)

@@ -13,6 +13,25 @@ from .errors import ModelError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+# What transformers (5.x configuration_*.py) assumes when config.json leaves a key out:
+# Gemma's published config.json has no tie_word_embeddings (its head is the embedding),
+# and Qwen2 has q/k/v biases without an attention_bias key.
+TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2": {"attention_bias": True},
+    "gemma": {"tie_word_embeddings": True},
+    "gemma2": {"tie_word_embeddings": True, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3_text": {"tie_word_embeddings": True},
+    "cohere": {"tie_word_embeddings": True},
+    "cohere2": {"tie_word_embeddings": True},
+    "starcoder2": {"tie_word_embeddings": True},
+    "smollm3": {"tie_word_embeddings": True},
+}
+# RMSNorms per decoder block: Gemma2 adds one before and one after the MLP to the usual two.
+LAYER_NORMS = {"gemma2": 4}
+# Layers that fuse several projections (phi3): the separate names a target list may use
+# for each, all of which must be targeted together.
+FUSED = {"phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}}
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -26,6 +45,10 @@ class ModelShape:
     vocab: int
     tied: bool
     attention_bias: bool
+    layer_norms: int = 2
+    attn_softcap: bool = False  # tanh-capped attention scores (gemma2)
+    final_softcap: bool = False  # tanh-capped logits (gemma2)
+    attention_dropout: float = 0.0
 
     # --- parameter counts (elements, not bytes)
     def layer_linears(self) -> dict[str, tuple[int, int]]:
@@ -61,22 +84,41 @@ class ModelShape:
 
     @property
     def norm_params(self) -> int:
-        return self.hidden * (2 * self.layers + 1)
+        return self.hidden * (self.layer_norms * self.layers + 1)
 
     @property
     def total_params(self) -> int:
         return self.linear_params + self.embed_params + self.head_params + self.norm_params
 
+    def resolve_targets(self, targets: list[str] | str) -> list[str] | str:
+        """LoRA target names as this model's modules are called: q_proj, k_proj and v_proj
+        together name phi3's fused qkv_proj (gate_proj and up_proj its gate_up_proj), so
+        one target list serves every architecture. Unknown names are left for
+        unknown_targets to report."""
+        if targets == "all-linear":
+            return targets
+        out = list(targets)
+        for fused, parts in FUSED.get(self.model_type, {}).items():
+            if all(p in out for p in parts):
+                out = [fused if t == parts[0] else t for t in out if t not in parts[1:]]
+        return list(dict.fromkeys(out))
+
+    def split_fused_targets(self, targets: list[str] | str) -> list[str]:
+        """Targets naming only part of a fused layer: they cannot be adapted alone."""
+        resolved = self.resolve_targets(targets)
+        parts = {p for ps in FUSED.get(self.model_type, {}).values() for p in ps}
+        return [] if resolved == "all-linear" else [t for t in resolved if t in parts]
+
     def lora_params(self, r: int, targets: list[str] | str) -> int:
         """Trainable LoRA elements: r * (in + out) per targeted linear layer."""
         linears = self.layer_linears()
-        names = list(linears) if targets == "all-linear" else [t for t in targets if t in linears]
+        names = list(linears) if targets == "all-linear" else [t for t in self.resolve_targets(targets) if t in linears]
         return self.layers * sum(r * (linears[n][0] + linears[n][1]) for n in names)
 
     def unknown_targets(self, targets: list[str] | str) -> list[str]:
         if targets == "all-linear":
             return []
-        return [t for t in targets if t not in self.layer_linears()]
+        return [t for t in self.resolve_targets(targets) if t not in self.layer_linears()]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,11 +128,13 @@ class ModelShape:
 
 def shape_from_config(cfg: dict[str, Any]) -> ModelShape:
     cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
+    model_type = str(cfg.get("model_type", "unknown"))
+    cfg = {**TYPE_DEFAULTS.get(model_type, {}), **cfg}
     try:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
         return ModelShape(
-            model_type=str(cfg.get("model_type", "unknown")),
+            model_type=model_type,
             hidden=hidden,
             layers=int(cfg["num_hidden_layers"]),
             heads=heads,
@@ -99,8 +143,11 @@ def shape_from_config(cfg: dict[str, Any]) -> ModelShape:
             intermediate=int(cfg["intermediate_size"]),
             vocab=int(cfg["vocab_size"]),
             tied=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2 has q/k/v biases without saying so in config.json.
-            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            layer_norms=LAYER_NORMS.get(model_type, 2),
+            attn_softcap=bool(cfg.get("attn_logit_softcapping")),
+            final_softcap=bool(cfg.get("final_logit_softcapping")),
+            attention_dropout=float(cfg.get("attention_dropout") or 0.0),
         )
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ModelError(

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import distributed
-from .kernels import LIGER_MODEL_TYPES
+from .kernels import LIGER_MODEL_TYPES, NO_SDPA_MODEL_TYPES, flash_attn_installed
 from .config import RunConfig
 from .embedded import EMBEDDED_MODEL
 from .errors import ConfigError, FitError, ModelError
 from .hardware import HardwareFacts
 from .memory import GIB, MemoryBreakdown, estimate
-from .model_shape import ModelShape
+from .model_shape import FUSED, ModelShape
 from .speed import LengthStats, SpeedEstimate, estimate_speed
 
 
@@ -103,6 +103,13 @@ def build_plan(
     n_examples: int | None = None,
     gpu_hour_price: float | None = None,
 ) -> Plan:
+    split = shape.split_fused_targets(config.lora.target_modules) if config.uses_adapter else []
+    if split:
+        fused = ", ".join(f for f, parts in FUSED[shape.model_type].items() if set(parts) & set(split))
+        raise ModelError(
+            f"lora.target_modules {split} are only part of this {shape.model_type} model's fused {fused}, which LoRA adapts whole",
+            f"target {fused} (or all of its parts), or all-linear",
+        )
     unknown = shape.unknown_targets(config.lora.target_modules) if config.uses_adapter else []
     if unknown:
         valid = ", ".join(shape.layer_linears())
@@ -128,7 +135,21 @@ def build_plan(
                 f"kernels.fused_loss: liger-kernel has no fused loss for {shape.model_type} models",
                 "use --set kernels.fused_loss=false",
             )
-    if config.data.packing and config.model.attn_implementation == "flash_attention_2" and config.train.micro_batch > 1:
+    attn = config.model.attn_implementation
+    if attn == "sdpa" and shape.model_type in NO_SDPA_MODEL_TYPES:
+        raise ConfigError(
+            f"transformers has no sdpa attention for {shape.model_type} models",
+            "use --set model.attn_implementation=eager",
+        )
+    if attn == "flash_attention_2":
+        if not facts.has_gpu:
+            raise FitError("model.attn_implementation=flash_attention_2 needs an NVIDIA GPU", "use --set model.attn_implementation=sdpa")
+        if not flash_attn_installed():
+            raise ConfigError(
+                "model.attn_implementation=flash_attention_2 needs the flash_attn package, which is not installed",
+                "pip install flash-attn, or use --set model.attn_implementation=sdpa",
+            )
+    if config.data.packing and attn == "flash_attention_2" and config.train.micro_batch > 1:
         # transformers' flash-attention path reads packed sequences from position_ids only
         # for a batch of one row (modeling_flash_attention_utils._is_packed_sequence): with
         # more, attention would cross examples.
@@ -139,6 +160,8 @@ def build_plan(
     dtype = resolve_dtype(config.model.dtype, facts)
     # Known-bad distributed/offload combinations fail here, before anything launches.
     notes: list[str] = distributed.check(config, shape, facts, dtype, lengths.longest if lengths else None)
+    if config.uses_adapter and shape.resolve_targets(config.lora.target_modules) != config.lora.target_modules:
+        notes.append(f"{shape.model_type} fuses projections: LoRA adapts {', '.join(shape.resolve_targets(config.lora.target_modules))}")
     if config.budget_gib is not None:
         src = (sources or {}).get("budget_gib", "flag")
         budget, budget_source = config.budget_gib, "--budget" if src == "flag" else f"budget_gib from {src}"

@@ -93,7 +93,8 @@ def lora_config(plan: Plan) -> dict[str, Any] | None:
         "r": lo.r,
         "lora_alpha": lo.alpha,
         "lora_dropout": lo.dropout,
-        "target_modules": lo.target_modules,
+        # The model's own module names (phi3's fused qkv_proj for q/k/v_proj).
+        "target_modules": plan.shape.resolve_targets(lo.target_modules),
         "bias": "none",
         "task_type": "CAUSAL_LM",
     }

@@ -476,6 +476,14 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
                 "kernels.fused_loss needs liger-kernel, which is not installed",
                 "pip install 'vramfit[kernels]', or plan again with --set kernels.fused_loss=false",
             )
+    if cfg.model.attn_implementation == "flash_attention_2":
+        from .kernels import flash_attn_installed
+
+        if not flash_attn_installed():  # planned where it was installed, run where it is not
+            raise VramfitError(
+                "model.attn_implementation=flash_attention_2 needs the flash_attn package, which is not installed",
+                "pip install flash-attn, or plan again with --set model.attn_implementation=sdpa",
+            )
     tokenizer = load_tokenizer(doc["model_path"], cfg.model.trust_remote_code)
     data_cfg = cfg.data.model_copy(update={"path": doc.get("data_path")})
     train_ds, val_ds, stats, fmt = build_datasets(data_cfg, tokenizer, cfg.train.seed)
