@@ -93,12 +93,14 @@ def summary(run: Path) -> dict:
 
 def build_inputs(r: Runner, work: Path, archs: list[str]) -> dict[str, Path]:
     """Random-weight models, one GPU each in parallel, and a full-length dataset."""
-    procs, models = [], {}
+    import torch
+
+    procs, models, gpus = [], {}, max(torch.cuda.device_count(), 1)
     for i, arch in enumerate(archs):
         models[arch] = work / arch
         if (models[arch] / "config.json").is_file():
             continue
-        env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": str(i % 2)}
+        env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)}
         procs.append(r.start([PY, str(ROOT / "scripts/make_random_model.py"), str(ROOT / f"scripts/archs/{arch}.json"),
                               str(models[arch]), "--device", "cuda"], env=env))  # fmt: skip
     data = work / "long.jsonl"
