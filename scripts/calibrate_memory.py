@@ -39,12 +39,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from prove_preset import versions  # noqa: E402
 
 TARGETS = {"all": "all-linear", "qkvo": "[q_proj,k_proj,v_proj,o_proj]", "qv": "[q_proj,v_proj]"}
-# A row's optional ninth column, attn, is model.attn_implementation (sdpa when left out).
-COLUMNS = ("arch", "method", "lora_r", "targets", "micro_batch", "seq_len", "grad_ckpt", "optimizer", "attn")
+# A row's optional ninth column, attn, is model.attn_implementation (sdpa when left out);
+# the tenth, loss, is plain or fused (kernels.fused_loss; plain when left out).
+COLUMNS = ("arch", "method", "lora_r", "targets", "micro_batch", "seq_len", "grad_ckpt", "optimizer", "attn", "loss")
 
 
 def read_matrix(path: Path) -> list[dict]:
-    return [{"attn": "sdpa", **dict(zip(COLUMNS, r))} for r in yaml.safe_load(path.read_text())["rows"]]
+    return [{"attn": "sdpa", "loss": "plain", **dict(zip(COLUMNS, r))} for r in yaml.safe_load(path.read_text())["rows"]]
 
 
 @dataclass
@@ -76,10 +77,25 @@ def set_args(row: dict, steps: int) -> list[str]:
         sets.update({"lora.r": row["lora_r"], "lora.alpha": 2 * row["lora_r"], "lora.target_modules": TARGETS[row["targets"]]})
     if row.get("attn", "sdpa") != "sdpa":  # sdpa rows keep the command they always had
         sets["model.attn_implementation"] = row["attn"]
+    if row.get("loss", "plain") == "fused":
+        sets["kernels.fused_loss"] = "true"
     out: list[str] = []
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]
     return out
+
+
+def predict(row: dict, model: Path):
+    """The memory model's breakdown for a row, as `vramfit train` plans it (no dataset
+    lengths: every example is longer than the sequence)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from vramfit.memory import estimate
+    from vramfit.model_shape import load_shape
+    from vramfit.presets import load_preset, parse_set, resolve
+
+    sets = set_args(row, 4)[1::2]
+    cfg = resolve([("24gb", load_preset("24gb").values), ("--set", parse_set(sets))]).config
+    return estimate(load_shape(str(model)), cfg, "bfloat16", "cuda")
 
 
 def gpu_total_gib() -> float:
@@ -124,6 +140,9 @@ def main() -> int:
     models = {}
     for arch in dict.fromkeys(r["arch"] for r in rows):
         models[arch] = a.work / arch
+        if (models[arch] / "config.json").is_file():
+            continue  # built by an earlier matrix in this --work
+        say(f"building {arch}")
         t = time.perf_counter()
         subprocess.run(
             [py, str(ROOT / "scripts/make_random_model.py"), str(ROOT / f"scripts/archs/{arch}.json"), str(models[arch]),
@@ -140,19 +159,15 @@ def main() -> int:
     jobs: list[Job] = []
     for i, row in enumerate(rows):
         base = ["--preset", "24gb", "--model", str(models[row["arch"]]), "--data", str(data), *set_args(row, a.steps)]
-        plan_dir = a.work / f"plan-{i}"
-        shutil.rmtree(plan_dir, ignore_errors=True)
-        plan = subprocess.run(
-            [py, "-m", "vramfit", "plan", "--json", "--budget", "1000", "--out", str(plan_dir), *base],
-            capture_output=True, text=True, env=env,
-        )  # fmt: skip
-        shutil.rmtree(plan_dir, ignore_errors=True)
-        if plan.returncode:
-            say(f"row {i} {row}: plan failed: {plan.stderr.strip()}")
+        # The memory model in this process (a `vramfit plan` subprocess per row took ~15 s
+        # on the GPU machine): the same config the run's `vramfit train` resolves.
+        try:
+            b = predict(row, models[row["arch"]])
+        except Exception as e:  # noqa: BLE001 - a row the model cannot plan is reported, not fatal
+            say(f"row {i} {row}: plan failed: {e}")
             continue
-        p = json.loads(plan.stdout)
-        job = Job(row={**row, "index": i}, argv=base, predicted=p["predicted_peak_gib"])
-        job.row["predicted_at_run"] = {"peak_gib": p["predicted_peak_gib"], "breakdown": p["breakdown"]}
+        job = Job(row={**row, "index": i}, argv=base, predicted=round(b.peak_gib, 3))
+        job.row["predicted_at_run"] = {"peak_gib": job.predicted, "breakdown": {k: round(v, 3) for k, v in b.gib().items()}}
         job.cap = min(round(job.predicted * (1 + a.headroom) + 2.0, 1), total - 1.0)
         jobs.append(job)
 

@@ -83,6 +83,7 @@ def rows(raw: Path) -> list[dict]:
                 **{k: r[k] for k in ("arch", "method", "lora_r", "targets", "micro_batch", "seq_len", "grad_ckpt", "optimizer")},
                 **_measured(cfg, b, m, measured, m["peak_reserved_gib"], r["gpu"], r, "matrix", r["command"]),
                 "attn": cfg.model.attn_implementation,
+                "loss": "fused" if cfg.kernels.fused_loss else "plain",
             }
         )
     return out
@@ -141,6 +142,7 @@ def distributed_rows(raw: Path) -> list[dict]:
                         "distributed", run["command"],
                     ),
                     "attn": cfg.model.attn_implementation,
+                    "loss": "fused" if cfg.kernels.fused_loss else "plain",
                 }
             )
     return out
@@ -204,6 +206,7 @@ def main() -> int:
     table = matrix + extra
     # attention implementation: a trailing column once some run used other than sdpa
     fields = FIELDS + (["attn"] if any(r["attn"] != "sdpa" for r in table) else [])
+    fields += ["loss"] if any(r["loss"] != "plain" for r in table) else []  # likewise the fused loss
     tmp = a.csv.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -214,7 +217,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(matrix, key=lambda r: (r["arch"], r["method"], r["seq_len"] * r["micro_batch"])):
         print(
-            f"| {r['arch']}{'' if r['attn'] == 'sdpa' else ' (' + r['attn'] + ')'} | {r['method']} | {r['lora_r'] or '-'} | {r['targets'] if r['method'] != 'full' else '-'} | {r['micro_batch']} "
+            f"| {r['arch']}{'' if r['attn'] == 'sdpa' else ' (' + r['attn'] + ')'}{' (fused loss)' if r['loss'] == 'fused' else ''} | {r['method']} | {r['lora_r'] or '-'} | {r['targets'] if r['method'] != 'full' else '-'} | {r['micro_batch']} "
             f"| {r['seq_len']} | {'on' if r['grad_ckpt'] else 'off'} | {r['optimizer']} | {r['predicted_gib']:.2f} "
             f"| {r['measured_gib']:.2f} | {r['error_pct']:+.1f}% |"
         )
