@@ -376,7 +376,7 @@ def planner_choice(sets: dict[str, Any], model: str, data: str, budget: float, s
 
     r = resolve_layers(None, None, _overrides(model, data, budget), [f"{k}={fmt_value(v)}" for k, v in sets.items()])
     pinned = {k for k, src in r.sources.items() if src != "default"} - set(unpin)
-    return auto_fit(r.config, pinned, shape, budget, gpu_name, None, "bfloat16", host_ram)
+    return auto_fit(r.config, pinned, shape, budget, gpu_name, None, "bfloat16", host_ram, fused_available=True)
 
 
 def auto_sets(seed: Seed, model: str, data: str, gpu_name: str | None, host_ram: int | None,

@@ -195,7 +195,7 @@ def plot(table: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--raw", type=Path, nargs="+", default=[ROOT / "docs/benchmarks/calibration/calibration.jsonl"],
+    ap.add_argument("--raw", type=Path, nargs="+", default=[ROOT / f"docs/benchmarks/calibration/{n}.jsonl" for n in ("calibration", "fused", "archs")],
                     help="calibrate_memory.py's calibration.jsonl files (the matrices' runs)")
     ap.add_argument("--csv", type=Path, default=ROOT / "docs/benchmarks/memory-calibration.csv")
     ap.add_argument("--plot", type=Path)

@@ -280,7 +280,8 @@ def test_steps_count_rows_not_examples():
     assert packed.wall_s < plain.wall_s
 
 
-def test_flash_attention_packing_needs_one_row_per_micro_batch():
+def test_flash_attention_packing_needs_one_row_per_micro_batch(monkeypatch):
+    monkeypatch.setattr("vramfit.plan.flash_attn_installed", lambda: True)  # planned where flash_attn is installed
     facts = fake_facts(80)
     c = cfg(model={"attn_implementation": "flash_attention_2"}, data={"packing": True}, train={"micro_batch": 2})
     with pytest.raises(ConfigError, match="micro_batch 1"):

@@ -239,7 +239,11 @@ def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote
         pinned = {k for k, src in sources.items() if src != "default"}
         fit_budget = config.budget_gib or facts.min_total_gib
         dtype = resolve_dtype(config.model.dtype, facts)
-        fitted, choices = auto_fit(config, pinned, shape, fit_budget, facts.gpus[0].name, lengths, dtype, facts.host_ram_bytes)
+        from .kernels import liger_installed
+
+        fitted, choices = auto_fit(
+            config, pinned, shape, fit_budget, facts.gpus[0].name, lengths, dtype, facts.host_ram_bytes, liger_installed()
+        )
         before, after = _flat(config.model_dump(mode="json")), _flat(fitted.model_dump(mode="json"))
         sources = {**sources, **{k: "auto" for k in after if after[k] != before.get(k)}}
         config = fitted

@@ -72,6 +72,7 @@ def auto_fit(
     lengths: LengthStats | None,
     dtype: str = "bfloat16",
     host_ram_bytes: int | None = None,
+    fused_available: bool = False,
 ) -> tuple[RunConfig, list[str]]:
     """The fastest plan under ``budget_gib`` (less the safety margin) and why, one line per choice.
 
@@ -104,6 +105,15 @@ def auto_fit(
         # fine-tuning: 8-bit states first, paged ones when even those don't fit.
         return ["adamw_torch"] if method != "full" else ["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 
+    # The fused loss (liger-kernel) where it is installed and knows the architecture:
+    # tried both ways. The speed model counts it as neither faster nor slower (the 3B
+    # and 7B runs in docs/benchmarks/calibration/ measured within the model's error), so
+    # it is chosen when its smaller peak buys a longer sequence, a bigger micro-batch or
+    # no checkpointing, and otherwise left off (the path with the most measurements).
+    if "kernels.fused_loss" in pinned or not (fused_available and shape.model_type in LIGER_MODEL_TYPES):
+        fused_options = [base.kernels.fused_loss]
+    else:
+        fused_options = [False, True]
     ds_pinned = any(k.startswith("deepspeed.") for k in pinned)
     acts_pinned = "train.offload_activations" in pinned
     longest = lengths.longest if lengths else None
@@ -113,7 +123,9 @@ def auto_fit(
     ) -> tuple[list[Candidate], Candidate | None]:
         found: list[Candidate] = []
         least: Candidate | None = None
-        for method, seq, mb, ckpt, ds in itertools.product(method_list, seqs, mbs, ckpts, zero):
+        for method, seq, mb, ckpt, ds, fused in itertools.product(method_list, seqs, mbs, ckpts, zero, fused_options):
+            if "kernels__fused_loss" in ds and fused != fused_options[0]:
+                continue  # the offload fallback sets it itself: one candidate, not two alike
             if method == "qlora" and ds.get("deepspeed__offload_params"):
                 continue  # 4-bit weights cannot be offloaded (config.py refuses it)
             for opt in optimizers(method):
@@ -129,7 +141,7 @@ def auto_fit(
                     train__grad_ckpt=ckpt,
                     train__optimizer=opt,
                     train__offload_activations=offload_acts,
-                    **ds,
+                    **{"kernels__fused_loss": fused, **ds},
                 )
                 if host_ram_bytes and offloaded_host_bytes(shape, cfg, dtype, longest) > host_ram_bytes * HOST_RAM_USABLE:
                     continue  # distributed.check would refuse it
@@ -192,7 +204,10 @@ def auto_fit(
     # The longest sequence anything fits (truncating as little as possible), then the fastest there.
     best_seq = max(c.config.data.seq_len for c in feasible)
     at_seq = [c for c in feasible if c.config.data.seq_len == best_seq]
-    best = max(at_seq, key=lambda c: (c.tokens_per_s, -STAGE_PREFERENCE[c.config.deepspeed.stage]))
+    best = max(
+        at_seq,
+        key=lambda c: (c.tokens_per_s, -STAGE_PREFERENCE[c.config.deepspeed.stage], not c.config.kernels.fused_loss),
+    )
     lines = _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, world)
     lines.insert(-1, _offload_line(best, pinned, without_acts, seqs[0], shape, dtype, lengths, gpu_name))
     return best.config, lines
@@ -272,6 +287,18 @@ def _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, wor
     else:
         lines.append("train.grad_ckpt false: activations fit, so no recomputation (~30% faster)")
     lines.append(f"train.optimizer {c.train.optimizer}" + (": pinned" if "train.optimizer" in pinned else ""))
+    if "kernels.fused_loss" in pinned:
+        lines.append(f"kernels.fused_loss {str(c.kernels.fused_loss).lower()}: pinned")
+    elif any(x.config.kernels.fused_loss for x in feasible):
+        plain = fastest(lambda x: not x.kernels.fused_loss)
+        if c.kernels.fused_loss:
+            lines.append(
+                "kernels.fused_loss true: no full-vocabulary logits, "
+                + (f"so a faster plan fits ({best.tokens_per_s:,.0f} tokens/s; {plain.tokens_per_s:,.0f} without it)"
+                   if plain else "without it nothing fits at this length")
+            )
+        else:
+            lines.append("kernels.fused_loss false: it would fit nothing faster here")
     ds = c.deepspeed
     if any(k.startswith("deepspeed.") for k in pinned):
         lines.append(f"deepspeed.stage {ds.stage}: pinned")

@@ -18,6 +18,14 @@ NO_SDPA_MODEL_TYPES = frozenset(
 )
 
 
+def liger_installed() -> bool:
+    """Whether liger-kernel (the fused loss; the `kernels` extra) is importable: auto-fit
+    only chooses the fused loss where training can use it."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def flash_attn_installed() -> bool:
     """Whether the flash_attn package that attn_implementation=flash_attention_2 loads is
     importable (without it transformers would fetch a kernel from the hub instead)."""
