@@ -517,7 +517,7 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
         if cfg is None:
             cfg, _ = planner_choice(sets, model, data, seed.budget_gib, shape, gpu_name, host_ram)
         peak = estimate(shape, cfg, "bfloat16", "cuda").peak_gib
-        why = "planner's own plan" if not extra else "planner's plan with the fused loss asked for (auto-fit does not turn it on by itself)"
+        why = "planner's own plan" if not extra else "planner's plan with the fused loss pinned on (auto-fit turns it on itself only where it buys a faster plan)"
         rows.append(Row("speed", seed.group, config, seed.arch, seed.budget_gib, argv, True, peak,
                         run_seconds(seed.arch, cfg, steps, gpu_name), intended=cfg.model_dump(mode="json"),
                         note=f"{why}: {cfg.method}, micro-batch {cfg.train.micro_batch} x {cfg.train.grad_accum}, "

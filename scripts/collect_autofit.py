@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-FIELDS = ("arch,budget_gib,method,seq_len,micro_batch,grad_accum,grad_ckpt,optimizer,predicted_gib,measured_gib,"
+FIELDS = ("arch,budget_gib,method,seq_len,micro_batch,grad_accum,grad_ckpt,optimizer,fused_loss,predicted_gib,measured_gib,"
           "mem_error_pct,under_budget,predicted_tokens_per_s,measured_tokens_per_s,speed_error_pct,"
           "now_predicted_gib,now_mem_error_pct,now_predicted_tokens_per_s,now_speed_error_pct,speed_fit_row,same_choice_now,"
           "steps,exit,gpu,command").split(",")
@@ -54,10 +54,20 @@ def choice_now(r: dict, lengths) -> bool:
 
     base = RunConfig.model_validate({"budget_gib": r["budget_gib"], "train": {"max_steps": 20, "save_steps": 20}})
     pinned = {"budget_gib", "model.name", "data.path", "train.max_steps", "train.save_steps"}
-    cfg, _ = auto_fit(base, pinned, load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json")), r["budget_gib"], r["gpu"], lengths)
+    # As on the GPU machine, where liger-kernel is installed.
+    shape = load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
+    cfg, _ = auto_fit(base, pinned, shape, r["budget_gib"], r["gpu"], lengths, fused_available=True)
     c = r["config"]
-    now = (cfg.method, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.grad_ckpt, cfg.train.optimizer)
-    return now == (r["plan"]["method"], c["seq_len"], c["micro_batch"], c["grad_accum"], c["grad_ckpt"], c["optimizer"])
+    now = (cfg.method, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.grad_ckpt, cfg.train.optimizer,
+           cfg.kernels.fused_loss)  # fmt: skip
+    return now == (r["plan"]["method"], c["seq_len"], c["micro_batch"], c["grad_accum"], c["grad_ckpt"], c["optimizer"],
+                   fused(r))  # fmt: skip
+
+
+def fused(r: dict) -> bool:
+    """Whether the run used the fused loss (recorded since it became an auto-fit choice;
+    before that, auto-fit never turned it on)."""
+    return bool(r["config"].get("fused_loss", any(x.startswith("kernels.fused_loss true") for x in r["plan"].get("auto_fit", []))))
 
 
 def predict_now(r: dict, lengths) -> tuple[float, float]:
@@ -70,6 +80,7 @@ def predict_now(r: dict, lengths) -> tuple[float, float]:
     cfg = RunConfig.model_validate({
         "method": r["plan"]["method"], "budget_gib": r["budget_gib"], "data": {"seq_len": c["seq_len"]},
         "train": {k: c[k] for k in ("micro_batch", "grad_accum", "grad_ckpt", "optimizer")},
+        "kernels": {"fused_loss": fused(r)},
     })  # fmt: skip
     shape = load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
     return estimate(shape, cfg, "bfloat16", "cuda", lengths.longest).peak_gib, estimate_speed(shape, cfg, lengths, r["gpu"]).tokens_per_s
@@ -85,7 +96,7 @@ def table(raw: Path) -> list[dict]:
         meas, pred = m.get("peak_process_gib"), p.get("predicted_peak_gib")
         rate, prate = m.get("steady_tokens_per_s"), p.get("predicted_tokens_per_s")
         out.append({
-            "arch": r["arch"], "budget_gib": r["budget_gib"], "method": p.get("method"), **c,
+            "arch": r["arch"], "budget_gib": r["budget_gib"], "method": p.get("method"), **c, "fused_loss": fused(r),
             "predicted_gib": pred, "measured_gib": meas,
             "mem_error_pct": round(100 * (pred - meas) / meas, 1) if meas and pred else None,
             "under_budget": bool(meas and meas <= r["budget_gib"]),
@@ -112,7 +123,7 @@ def main() -> int:
     for r in rows:
         mark = ("" if r["speed_fit_row"] else " *") + ("" if r["same_choice_now"] else " †")
         print(f"| {r['arch']} | {r['budget_gib']:g} | {r['method']}, {r['seq_len']}, {r['micro_batch']} x {r['grad_accum']}, "
-              f"{'on' if r['grad_ckpt'] else 'off'} | {r['measured_gib']:.2f} | {r['predicted_gib']:.2f} ({r['mem_error_pct']:+.1f}%) "
+              f"{'on' if r['grad_ckpt'] else 'off'}{', fused loss' if r['fused_loss'] else ''} | {r['measured_gib']:.2f} | {r['predicted_gib']:.2f} ({r['mem_error_pct']:+.1f}%) "
               f"| {r['now_predicted_gib']:.2f} ({r['now_mem_error_pct']:+.1f}%) | {r['measured_tokens_per_s']:,.0f} "
               f"| {r['predicted_tokens_per_s']:,.0f} ({r['speed_error_pct']:+.0f}%) | {r['now_predicted_tokens_per_s']:,.0f} ({r['now_speed_error_pct']:+.0f}%){mark} |")  # fmt: skip
 

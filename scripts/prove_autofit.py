@@ -84,6 +84,7 @@ def main() -> int:
                     "grad_ckpt": plan.get("config", {}).get("train", {}).get("grad_ckpt"),
                     "optimizer": plan.get("config", {}).get("train", {}).get("optimizer"),
                     "lora_r": plan.get("config", {}).get("lora", {}).get("r"),
+                    "fused_loss": plan.get("config", {}).get("kernels", {}).get("fused_loss"),
                 },
                 "metrics": {k: v for k, v in m.items() if k not in ("output",)},
             }

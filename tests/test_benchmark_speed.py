@@ -122,7 +122,8 @@ def test_max_context_is_the_longest_the_planner_fits():
     sets = {x.split("=", 1)[0]: x.split("=", 1)[1] for x in case.sets}
     shape = bs.arch_shape(case.arch)
     with pytest.raises(FitError):
-        bs.planner_choice({**sets, "data.seq_len": seq + bs.SEQ_STEP}, MODEL, DATA, 16, shape, "NVIDIA H200", None)
+        bs.planner_choice({**sets, "kernels.fused_loss": "false", "data.seq_len": seq + bs.SEQ_STEP}, MODEL, DATA, 16,
+                          shape, "NVIDIA H200", None)  # fmt: skip
     fused, _ = bs.predicted_max_seq(case, MODEL, DATA, "NVIDIA H200", None, fused=True)
     edge, _ = bs.predicted_max_seq(case, MODEL, DATA, "NVIDIA H200", None, fused=False, margin=False)
     assert fused > seq and edge >= seq  # no full-vocabulary logits; no 5% margin

@@ -129,6 +129,23 @@ def test_calibration_data_meets_the_error_targets():
     assert s["worst_under_prediction_pct"] <= 5, [r for r in table if r["error_pct"] < -5]
 
 
+def test_fused_loss_calibration_meets_the_error_targets():
+    """The fused-loss runs (docs/benchmarks/calibration/fused.jsonl), predicted again: in-sample
+    (the residual was fitted on them), but a change to the fused terms that breaks them fails."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    from calibration_report import rows, summary
+
+    table = rows(root / "docs/benchmarks/calibration/fused.jsonl")
+    s = summary(table)
+    assert s["runs"] >= 10 and all(r["loss"] == "fused" for r in table)
+    assert s["median_abs_error_pct"] <= 5 and s["worst_abs_error_pct"] <= 10
+    assert s["worst_under_prediction_pct"] <= 5, [r for r in table if r["error_pct"] < -5]
+
+
 def test_upcast_embeddings_costs_about_2_gib():
     base = dict(method="qlora", data={"seq_len": 512}, lora={"r": 8, "target_modules": ["q_proj", "v_proj"]})
     lo = estimate(Q7, cfg(**base, quant={"upcast_embeddings": False}))

@@ -65,3 +65,14 @@ def test_probe_trains_a_few_steps_and_keeps_nothing(tmp_path, cpu_only):
     assert "probe: 2 steps on the longest examples" in r.stdout and "probe passed" in r.stdout
     assert not (tmp_path / "r").exists()
     assert not list(tmp_path.glob(".vramfit-probe-*"))
+
+
+def test_oom_cause_tells_an_under_prediction_from_memory_taken_by_another_process():
+    from vramfit.oom import oom_cause
+
+    assert oom_cause(None, 5.0) == (None, "") and oom_cause(5.0, None) == (None, "")
+    cause, words = oom_cause(10.0, 11.5)
+    assert cause == "under_prediction" and "needed at least 11.50 GiB" in words and "15% under" in words
+    # The GPU proof (docs/benchmarks/oom.md): 42.66 GiB held against 60.66 planned.
+    cause, words = oom_cause(60.657, 42.657)
+    assert cause == "less_memory_than_planned" and "another process" in words and "60.66 GiB planned" in words

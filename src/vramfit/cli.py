@@ -446,17 +446,12 @@ def train(
             return
     code = execute(run_dir / "launch.sh", ["--resume"] if resume else [], env=node_env)
     from .errors import Preempted, RunLocked
-    from .oom import OOM_EXIT, adjust_after_oom
+    from .oom import OOM_EXIT, adjust_after_oom, oom_cause
 
     while code == OOM_EXIT:
         # Half the micro-batch, twice the accumulation, from the last checkpoint (bounded retries).
         e = adjust_after_oom(run_dir)
-        off = (
-            f"; the plan predicted {e['predicted_peak_gib']:.2f} GiB, the run needed at least {e['needed_at_least_gib']:.2f}"
-            f" ({e['under_prediction_pct']:+.1f}%)"
-            if e.get("needed_at_least_gib") and e.get("predicted_peak_gib")
-            else ""
-        )
+        _, off = oom_cause(e.get("predicted_peak_gib"), e.get("needed_at_least_gib"))
         typer.echo(
             f"out of memory at step {e['step']}{off}: resuming from the last checkpoint with micro-batch "
             f"{e['micro_batch'][1]} x accumulation {e['grad_accum'][1]} (recorded in {run_dir / 'events.jsonl'})",

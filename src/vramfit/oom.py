@@ -55,6 +55,27 @@ def _repredict(doc: dict[str, Any]) -> float | None:
     return estimate(shape, cfg, doc.get("dtype", "bfloat16"), doc.get("device", "cuda")).peak_gib
 
 
+def oom_cause(predicted: float | None, needed: float | None) -> tuple[str | None, str]:
+    """Why the run ran out, as far as the numbers tell: (cause, words for the one-line message).
+
+    ``needed`` is what the process held when it ran out plus the allocation that failed. Above
+    the plan's prediction, the memory model under-predicted; at or below it, the prediction
+    held and the card had less free memory than planned (proven that way: another process
+    took memory mid-run, docs/benchmarks/oom.md)."""
+    if not (predicted and needed):
+        return None, ""
+    if needed > predicted:
+        pct = 100 * (needed - predicted) / predicted
+        return "under_prediction", (
+            f"; the plan predicted {predicted:.2f} GiB, the run needed at least {needed:.2f} GiB "
+            f"(the memory model was {pct:.0f}% under)"
+        )
+    return "less_memory_than_planned", (
+        f"; the run held {needed:.2f} GiB when it ran out, within the {predicted:.2f} GiB planned: "
+        "less memory was free than planned (another process on the GPU?)"
+    )
+
+
 def adjust_after_oom(run_dir: Path) -> dict[str, Any]:
     """Rewrite RUN_DIR for half the micro-batch; returns the event recorded. Raises
     TrainingFailed when no retry is left."""
@@ -65,7 +86,8 @@ def adjust_after_oom(run_dir: Path) -> dict[str, Any]:
     mb, ga = int(train["micro_batch"]), int(train["grad_accum"])
     predicted = doc.get("predicted_peak_gib")
     needed = seen.get("needed_gib")
-    off = f"; the plan predicted {predicted:.2f} GiB, the run needed at least {needed:.2f} GiB" if predicted and needed else ""
+    cause, off = oom_cause(predicted, needed)
+    # Positive: the run needed more than predicted (an under-prediction).
     under = round(100 * (needed - predicted) / predicted, 1) if predicted and needed else None
     tries = len(oom_events(run_dir))
     if mb == 1 or tries >= MAX_RETRIES:
@@ -90,6 +112,7 @@ def adjust_after_oom(run_dir: Path) -> dict[str, Any]:
         "predicted_peak_gib": predicted,
         "needed_at_least_gib": needed,
         "under_prediction_pct": under,
+        "cause": cause,
         "message": seen.get("message"),
         "detail": seen.get("detail"),
     }
