@@ -421,3 +421,15 @@ def test_single_process_launch_sees_one_gpu(tmp_path):
         assert out.stdout == expected
     multi = launch_script(RunConfig.model_validate({"launch": {"gpus": 2}}), python="/bin/echo")
     assert "CUDA_VISIBLE_DEVICES" not in multi
+
+
+def test_preset_auto_plans_for_every_detected_gpu_unless_told(work, monkeypatch):
+    import vramfit.hardware as hw
+
+    monkeypatch.setattr(hw, "detect", lambda nvml=None: fake_facts(80, count=2))
+    r = invoke("plan", "--preset", "auto", "--out", "run")
+    assert r.exit_code == 0, r.output
+    assert "| 2 GPUs" in r.output
+    r = invoke("plan", "--preset", "auto", "--gpus", "1", "--out", "run1")
+    assert r.exit_code == 0, r.output
+    assert "| 1 GPU " in r.output
