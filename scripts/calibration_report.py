@@ -115,7 +115,7 @@ def distributed_rows(raw: Path) -> list[dict]:
     for line in raw.read_text().splitlines() if raw.is_file() else []:
         r = json.loads(line)
         runs = [r[k] for k in ("2gpu_zero2", "1gpu", "train") if isinstance(r.get(k), dict)]
-        if r["case"] in ("full3", "offload"):
+        if r["case"] in ("full3", "offload", "scaling"):
             runs = [r]
         for run in runs:
             m = run.get("metrics") or {}
@@ -202,7 +202,7 @@ def main() -> int:
     ap.add_argument("--distributed", type=Path, default=ROOT / "docs/benchmarks/distributed/distributed.jsonl")
     a = ap.parse_args()
     matrix = [r for raw in a.raw for r in rows(raw)]
-    extra = distributed_rows(a.distributed)
+    extra = distributed_rows(a.distributed) + distributed_rows(a.distributed.with_name("scaling.jsonl"))
     table = matrix + extra
     # attention implementation: a trailing column once some run used other than sdpa
     fields = FIELDS + (["attn"] if any(r["attn"] != "sdpa" for r in table) else [])
