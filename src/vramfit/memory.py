@@ -47,10 +47,11 @@ FUSED_CHUNK_COPIES = 2
 # faster with its sequence length. Not yet explained term by term (the gradient of the
 # hidden states liger computes in the forward and keeps, the backward's own gradient
 # buffers, the sdpa backward's workspace at long sequences); this empirical residual,
-# fitted by non-negative least squares to those runs, keeps plans from under-predicting
-# them. Bytes per token of the micro-batch, and per micro_batch x seq_len^2.
-FUSED_RESIDUAL_PER_TOKEN = 40_900
-FUSED_RESIDUAL_PER_SEQ2 = 2.74
+# fitted by non-negative least squares to those runs (scripts/fit_fused_residual.py), keeps
+# plans from under-predicting them. Bytes per token of the micro-batch, and per
+# micro_batch x seq_len^2.
+FUSED_RESIDUAL_PER_TOKEN = 40_950
+FUSED_RESIDUAL_PER_SEQ2 = 2.73
 # ZeRO-3's stage3_max_live_parameters in configs/deepspeed/zero3*.json.
 ZERO3_MAX_LIVE_ELEMENTS = 1e9
 # With several ranks, NCCL's buffers and communicators also live outside the
