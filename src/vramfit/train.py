@@ -631,7 +631,18 @@ def main(argv: list[str] | None = None) -> int:
         # Not an "error:" line: the launcher decides whether this ends the run (see oom.py).
         print(f"oom: CUDA out of memory at step {record['step']} ({record['message']})", file=sys.stderr)
         return OOM_EXIT
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down the ranks' process group after a finished run. Left to interpreter shutdown,
+    gloo's threads can abort the process ("terminate called without an active exception"),
+    turning a finished run's exit 0 into a crash (seen once in 700 CPU test runs)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _needed_at_oom(message: str) -> float | None:
