@@ -636,12 +636,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _close_process_group() -> None:
-    """Tear down the ranks' process group after a finished run. Left to interpreter shutdown,
-    gloo's threads can abort the process ("terminate called without an active exception"),
-    turning a finished run's exit 0 into a crash (seen once in 700 CPU test runs)."""
+    """Tear down the ranks' process group after a finished run, all ranks together. Rank 0
+    still writes the adapter and metrics after the others are done; a rank that exits (or
+    tears down) while its peer is still connected, or after it has gone, can be aborted by
+    gloo's threads at shutdown ("terminate called without an active exception"): a finished
+    run's exit 0 turned into a crash twice in CPU test suites. The barrier lines the ranks up
+    first; the launcher ends the others if a rank failed before reaching it."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
