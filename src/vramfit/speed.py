@@ -14,7 +14,7 @@ to the calibration runs (docs/benchmarks/calibration/, H200):
 - the loss over full-vocabulary logits, memory-bound: tokens x vocabulary;
 
 plus, with train.offload_activations, the saved activations' copies to host RAM and
-back over PCIe (not yet measured on a GPU: OFFLOAD_PCIE_GB_S).
+back over PCIe (OFFLOAD_PCIE_GB_S: an effective rate from one run, far below PCIe's).
 
 Padding counts: a micro-batch pads to its longest example, so the speed in real
 tokens is the padded speed times (mean length / padded length). With packing the
@@ -80,18 +80,16 @@ ZERO3_S_PER_GB_PASS = {"16bit": 0.0321, "4bit": 0.100}
 # ... and with the parameters offloaded to host RAM, what streaming them over PCIe adds
 # per GB per pass (the 8 GB seed route: 3B LoRA, seq 4096, 1 H200; one run).
 ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0500
-# train.offload_activations: GB/s of each copy (device to host in the forward, back in
-# the backward). The copies are queued on the compute stream, so they add to the step
-# rather than overlap it. A placeholder, to be calibrated: about what pinned copies reach
-# on PCIe 4.0 x16 (consumer cards; a 4060's x8 link gets half, H100/H200 hosts on PCIe
-# 5.0 about twice). The one GPU figure (shared/gpu/README.md, H200, Qwen2.5-7B QLoRA r8
-# q/v with liger-kernel: 11,121 tokens/s at seq 4096 without offload, 10,420 at 8192 with
-# save_on_cpu: 6.3% fewer tokens/s) cannot isolate it: doubling the sequence also adds
-# attention work (+7% FLOPs per token by this model) and halves the per-token share of the
-# per-micro-batch overheads. Were the copies the only change, 2 x 1.64 GB would have taken
-# at most 50 ms there (>= 66 GB/s), so on an H200 this constant predicts them slower than
-# they are.
-OFFLOAD_PCIE_GB_S = 25.0
+# train.offload_activations: the effective GB/s of each copy (device to host in the
+# forward, back in the backward), counted as adding to the step rather than overlapping
+# it. Fitted on the one vramfit run (docs/benchmarks/fused/: Qwen2.5-7B QLoRA r8 q/v,
+# seq 8192, fused loss, 1 H200): 3,256 tokens/s against 6,309 predicted at 25 GB/s, so
+# 2 x 1.64 GB took ~1.6 s more per micro-batch: 2.06 GB/s. That is far below what pinned
+# copies reach on PCIe, and the plain HF stack's save_on_cpu cost only ~6% in a similar
+# run (shared/gpu/README.md): offload.py is likely doing something slow (a guess to test:
+# pinned host buffers allocated anew each step instead of reused). Until that is found,
+# plans with it predict what vramfit measured, not what PCIe could do.
+OFFLOAD_PCIE_GB_S = 2.06
 
 
 @dataclass(frozen=True)
