@@ -18,7 +18,9 @@ Where the hooks apply (``install``): around each outermost transformers
 ``GradientCheckpointingLayer`` call, not around the whole forward. Saved-tensor hooks
 form a stack and only the innermost pair applies (torch/autograd/graph.py). With
 ``grad_ckpt`` (non-reentrant ``torch.utils.checkpoint``, as render.py sets it) the layer's
-call is ``checkpoint(forward, hidden_states)``: checkpoint saves its positional inputs
+call is ``checkpoint(forward, hidden_states)`` (up to transformers 5.17 it was
+``checkpoint(__call__, ...)``, with module hooks inside the checkpoint: ``install`` then pushes
+around ``GradientCheckpointingLayer.__call__`` instead): checkpoint saves its positional inputs
 for backward *before* pushing its own hooks (``_checkpoint_without_reentrant_generator``
 in torch/utils/checkpoint.py), so our pack hook sees exactly the layer's input; inside
 the block, checkpoint's own hook is innermost and keeps only placeholders. In backward the block is recomputed from the raw ``forward``
@@ -95,7 +97,18 @@ def install(model: nn.Module, hooks: HostActivations) -> int:
     """Apply ``hooks`` around every decoder layer's call; returns how many layers.
 
     Only while gradients are being recorded: an evaluation forward saves nothing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     layers = outermost_layers(model)
+    if "__call__" in GradientCheckpointingLayer.__dict__:
+        # transformers up to 5.17 checkpoints the layer's __call__, so module hooks run
+        # inside the checkpoint: ours would be innermost and copy the block's insides out
+        # and back instead of letting checkpoint recompute them (an H200 step was 2.7x
+        # slower for it, docs/benchmarks/fused/). Push them around that __call__ instead.
+        _wrap_checkpointing_call(GradientCheckpointingLayer)
+        for layer in layers:
+            layer._vramfit_host_activations = hooks
+        return len(layers)
     for layer in layers:
         pushed: list[bool] = []
 
@@ -113,3 +126,22 @@ def install(model: nn.Module, hooks: HostActivations) -> int:
         # always_call: a forward that raises still pops the hooks it pushed.
         layer.register_forward_hook(leave, always_call=True)
     return len(layers)
+
+
+def _wrap_checkpointing_call(cls: type) -> None:
+    """Have ``cls.__call__`` push a layer's HostActivations (if it has one) around the call,
+    outside the checkpoint it starts. Once per process; layers without hooks are untouched.
+    The backward's recomputation calls nn.Module.__call__ directly, so it pushes nothing."""
+    original = cls.__call__
+    if getattr(original, "_vramfit_wrapped", False):
+        return
+
+    def call(self, *args, **kwargs):
+        hooks = getattr(self, "_vramfit_host_activations", None)
+        if hooks is None or not torch.is_grad_enabled():
+            return original(self, *args, **kwargs)
+        with hooks:
+            return original(self, *args, **kwargs)
+
+    call._vramfit_wrapped = True
+    cls.__call__ = call
