@@ -18,13 +18,13 @@ Where the hooks apply (``install``): around each outermost transformers
 ``GradientCheckpointingLayer`` call, not around the whole forward. Saved-tensor hooks
 form a stack and only the innermost pair applies (torch/autograd/graph.py). With
 ``grad_ckpt`` (non-reentrant ``torch.utils.checkpoint``, as render.py sets it) the layer's
-call is ``checkpoint(forward, hidden_states)`` (up to transformers 5.17 it was
-``checkpoint(__call__, ...)``, with module hooks inside the checkpoint: ``install`` then pushes
-around ``GradientCheckpointingLayer.__call__`` instead): checkpoint saves its positional inputs
+call is ``checkpoint(forward, hidden_states)`` (up to transformers 5.17 ``checkpoint(__call__,
+...)``; ``install`` pushes our hooks around ``GradientCheckpointingLayer.__call__``, outside
+either): checkpoint saves its positional inputs
 for backward *before* pushing its own hooks (``_checkpoint_without_reentrant_generator``
 in torch/utils/checkpoint.py), so our pack hook sees exactly the layer's input; inside
-the block, checkpoint's own hook is innermost and keeps only placeholders. In backward the block is recomputed from the raw ``forward``
-(no module hooks fire) under checkpoint's ``_recomputation_hook``, outside our forward
+the block, checkpoint's own hook is innermost and keeps only placeholders. In backward the block is recomputed (without our
+wrapper) under checkpoint's ``_recomputation_hook``, outside our forward
 scope, so the recomputed tensors stay on the GPU for the moment they are needed and
 nothing is copied twice. Without ``grad_ckpt`` every tensor a layer saves goes to host
 RAM. Either way the embeddings, the final norm, the head and the loss stay on the GPU:
@@ -100,38 +100,21 @@ def install(model: nn.Module, hooks: HostActivations) -> int:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = outermost_layers(model)
-    if "__call__" in GradientCheckpointingLayer.__dict__:
-        # transformers up to 5.17 checkpoints the layer's __call__, so module hooks run
-        # inside the checkpoint: ours would be innermost and copy the block's insides out
-        # and back instead of letting checkpoint recompute them (an H200 step was 2.7x
-        # slower for it, docs/benchmarks/fused/). Push them around that __call__ instead.
-        _wrap_checkpointing_call(GradientCheckpointingLayer)
-        for layer in layers:
-            layer._vramfit_host_activations = hooks
-        return len(layers)
+    _wrap_checkpointing_call(GradientCheckpointingLayer)
     for layer in layers:
-        pushed: list[bool] = []
-
-        def enter(_module, _args, pushed=pushed):
-            on = torch.is_grad_enabled()
-            if on:
-                hooks.__enter__()
-            pushed.append(on)
-
-        def leave(_module, _args, _output, pushed=pushed):
-            if pushed.pop():
-                hooks.__exit__()
-
-        layer.register_forward_pre_hook(enter)
-        # always_call: a forward that raises still pops the hooks it pushed.
-        layer.register_forward_hook(leave, always_call=True)
+        layer._vramfit_host_activations = hooks
     return len(layers)
 
 
 def _wrap_checkpointing_call(cls: type) -> None:
     """Have ``cls.__call__`` push a layer's HostActivations (if it has one) around the call,
-    outside the checkpoint it starts. Once per process; layers without hooks are untouched.
-    The backward's recomputation calls nn.Module.__call__ directly, so it pushes nothing."""
+    outside any checkpoint the call starts. Not module hooks: transformers up to 5.17
+    checkpoints the layer's ``__call__``, so module hooks run inside the checkpoint, where
+    ours would be innermost and copy the block's insides out and back instead of letting
+    checkpoint recompute them (an H200 step was 2.7x slower for it, docs/benchmarks/fused/);
+    later versions checkpoint ``forward``, and wrapping ``__call__`` serves both. The
+    backward's recomputation calls ``forward`` or ``nn.Module.__call__``, never this, so it
+    pushes nothing. Once per process; layers without hooks are untouched."""
     original = cls.__call__
     if getattr(original, "_vramfit_wrapped", False):
         return
@@ -140,7 +123,7 @@ def _wrap_checkpointing_call(cls: type) -> None:
         hooks = getattr(self, "_vramfit_host_activations", None)
         if hooks is None or not torch.is_grad_enabled():
             return original(self, *args, **kwargs)
-        with hooks:
+        with hooks:  # popped again if the call raises
             return original(self, *args, **kwargs)
 
     call._vramfit_wrapped = True

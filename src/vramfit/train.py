@@ -259,8 +259,8 @@ def load_model(doc: dict[str, Any], cfg: RunConfig, run_dir: Path):
 
 def offload_activations(model, cfg: RunConfig, device: str, log: Log):
     """Keep what the decoder layers save for backward in host RAM (offload.py), pinned on
-    CUDA so the copies are asynchronous DMA. Module hooks, so they survive the Trainer's
-    wrapping (DDP, DeepSpeed) and its enabling of checkpointing later, in train()."""
+    CUDA so the copies are asynchronous DMA. Attached to the layers themselves, so they
+    survive the Trainer's wrapping (DDP, DeepSpeed) and its enabling of checkpointing later."""
     from .offload import HostActivations, install
 
     hooks = HostActivations(pin_memory=device == "cuda")
