@@ -123,12 +123,12 @@ def auto_fit(
     ) -> tuple[list[Candidate], Candidate | None]:
         found: list[Candidate] = []
         least: Candidate | None = None
-        for method, seq, mb, ckpt, ds, fused in itertools.product(method_list, seqs, mbs, ckpts, zero, fused_options):
-            if "kernels__fused_loss" in ds and fused != fused_options[0]:
-                continue  # the offload fallback sets it itself: one candidate, not two alike
+        for method, seq, mb, ckpt, ds in itertools.product(method_list, seqs, mbs, ckpts, zero):
             if method == "qlora" and ds.get("deepspeed__offload_params"):
                 continue  # 4-bit weights cannot be offloaded (config.py refuses it)
-            for opt in optimizers(method):
+            # The offload fallback sets the fused loss itself.
+            fused_here = [ds["kernels__fused_loss"]] if "kernels__fused_loss" in ds else fused_options
+            for opt, fused in itertools.product(optimizers(method), fused_here):
                 if ds.get("deepspeed__offload_optimizer") and opt not in OFFLOAD_OPTIMIZERS:
                     continue  # offload replaces the optimizer with CPU Adam (distributed.py)
                 ga = base.train.grad_accum if "train.grad_accum" in pinned else max(effective // (mb * world), 1)
