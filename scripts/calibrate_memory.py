@@ -85,17 +85,23 @@ def set_args(row: dict, steps: int) -> list[str]:
     return out
 
 
-def predict(row: dict, model: Path):
-    """The memory model's breakdown for a row, as `vramfit train` plans it (no dataset
-    lengths: every example is longer than the sequence)."""
+def config_for(row: dict):
+    """The RunConfig a row's `vramfit train` resolves (the 24gb preset + its --set flags)."""
     sys.path.insert(0, str(ROOT / "src"))
-    from vramfit.memory import estimate
-    from vramfit.model_shape import load_shape
     from vramfit.presets import load_preset, parse_set, resolve
 
     sets = set_args(row, 4)[1::2]
-    cfg = resolve([("24gb", load_preset("24gb").values), ("--set", parse_set(sets))]).config
-    return estimate(load_shape(str(model)), cfg, "bfloat16", "cuda")
+    return resolve([("24gb", load_preset("24gb").values), ("--set", parse_set(sets))]).config
+
+
+def predict(row: dict, model: Path):
+    """The memory model's breakdown for a row, as `vramfit train` plans it (no dataset
+    lengths: every example is longer than the sequence). ``model``: a model directory or
+    its config.json."""
+    from vramfit.memory import estimate
+    from vramfit.model_shape import load_shape
+
+    return estimate(load_shape(str(model)), config_for(row), "bfloat16", "cuda")
 
 
 def gpu_total_gib() -> float:

@@ -26,23 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from calibrate_memory import set_args  # noqa: E402
+from calibrate_memory import config_for  # noqa: E402
 
 from vramfit.memory import estimate  # noqa: E402
 from vramfit.model_shape import load_shape  # noqa: E402
-from vramfit.presets import load_preset, parse_set, resolve  # noqa: E402
+from vramfit.presets import load_preset, parse_set  # noqa: E402
 
 FIELDS = (
     "arch,method,lora_r,targets,micro_batch,seq_len,grad_ckpt,optimizer,zero_stage,gpus,"
     "predicted_gib,measured_gib,error_pct,peak_phase,measured_reserved_gib,measured_allocated_gib,"
     "outside_allocator_gib,tokens_per_s,gpu,torch,transformers,peft,bitsandbytes,date,source,command"
 ).split(",")
-
-
-def config_for(row: dict):
-    """The RunConfig the calibration run trained (its preset + --set flags)."""
-    sets = set_args(row, 4)[1::2]
-    return resolve([("24gb", load_preset("24gb").values), ("--set", parse_set(sets))]).config
 
 
 def _measured(cfg, b, m: dict, measured: float, reserved: float, gpu, r: dict, source: str, command: str) -> dict:

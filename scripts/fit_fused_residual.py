@@ -23,10 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from calibration_report import config_for  # noqa: E402
+from calibrate_memory import config_for, predict  # noqa: E402
 
 import vramfit.memory as memory  # noqa: E402
-from vramfit.model_shape import load_shape  # noqa: E402
 
 GIB = 2**30
 
@@ -42,7 +41,7 @@ def deficits(raw: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
             if r["exit"] != 0 or not m.get("peak_allocated_gib"):
                 continue
             cfg = config_for(r)
-            b = memory.estimate(load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json")), cfg, "bfloat16", "cuda")
+            b = predict(r, ROOT / f"scripts/archs/{r['arch']}.json")
             allocated = b.peak - b.cuda_context - b.allocator_slack
             mb, seq = cfg.train.micro_batch, cfg.data.seq_len
             x.append([mb * seq, mb * seq * seq])
