@@ -219,12 +219,14 @@ def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote
 
         raise FitError("--preset auto fits a plan to a GPU's memory, and no NVIDIA GPU was found", "use --preset cpu here")
     resolved = resolve_layers(None if auto else preset, config_file, overrides, set_items)
-    if auto and facts.gpu_count > 1 and resolved.sources.get("launch.gpus", "default") == "default":
-        # --preset auto plans for the machine it runs on: every GPU, unless --gpus says otherwise.
-        resolved = resolve_layers(None, config_file, overrides, [f"launch.gpus={facts.gpu_count}", *(set_items or [])])
-    if resolved.preset and resolved.preset.name == "multi-gpu" and facts.gpu_count > 1:
-        if resolved.sources.get("launch.gpus", "").startswith("preset"):
-            resolved = resolve_layers(preset, config_file, overrides, [f"launch.gpus={facts.gpu_count}", *(set_items or [])])
+    # --preset auto and the multi-gpu preset plan for every GPU of this machine, unless
+    # --gpus (or a --set/--config) says otherwise.
+    gpus_from = resolved.sources.get("launch.gpus", "default")
+    multi = resolved.preset is not None and resolved.preset.name == "multi-gpu"
+    if facts.gpu_count > 1 and ((auto and gpus_from == "default") or (multi and gpus_from.startswith("preset"))):
+        resolved = resolve_layers(
+            None if auto else preset, config_file, overrides, [f"launch.gpus={facts.gpu_count}", *(set_items or [])]
+        )
     shape = load_shape(resolved.config.model.name)
     # Read the dataset now: a malformed file should fail before a run dir exists.
     import datasets
