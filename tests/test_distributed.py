@@ -433,3 +433,15 @@ def test_preset_auto_plans_for_every_detected_gpu_unless_told(work, monkeypatch)
     r = invoke("plan", "--preset", "auto", "--gpus", "1", "--out", "run1")
     assert r.exit_code == 0, r.output
     assert "| 1 GPU " in r.output
+
+
+def test_multi_gpu_preset_fills_in_the_detected_gpu_count_unless_told(work, monkeypatch):
+    import vramfit.hardware as hw
+
+    monkeypatch.setattr(hw, "detect", lambda nvml=None: fake_facts(80, count=4))
+    r = invoke("plan", "--preset", "multi-gpu", "--out", "run")
+    assert r.exit_code == 0, r.output
+    assert "| 4 GPUs" in r.output
+    r = invoke("plan", "--preset", "multi-gpu", "--gpus", "2", "--out", "run2")
+    assert r.exit_code == 0, r.output
+    assert "| 2 GPUs" in r.output
