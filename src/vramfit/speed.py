@@ -69,6 +69,7 @@ DEFAULT_TFLOPS = 312.0
 MATMUL_EFFICIENCY = 1 / 1.194  # fraction of the dense peak the matrix work reaches
 DEQUANT_S_PER_TPARAM_PASS = 3.05  # seconds per 1e12 dequantized weights
 LAYER_PASS_S = 4.47e-3  # seconds of overhead per decoder layer per pass
+MODULE_PASS_S = 0.0  # seconds of overhead per LoRA-wrapped linear per pass (not in the old fit)
 LOSS_S_PER_TLOGIT = 0.0  # the loss's own time: fitted to zero (inside the matrix term's efficiency)
 # ZeRO-3 all-gathers every parameter for each pass (forward, backward, and the
 # checkpointed recompute): seconds per GB of (unsharded) weights per pass. Fitted on
@@ -144,8 +145,20 @@ def gpu_tflops(name: str | None) -> tuple[float, bool]:
     return DEFAULT_TFLOPS, False
 
 
-def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float) -> float:
-    """Seconds for one micro-batch (forward + backward) on one GPU."""
+def adapted_modules_per_layer(shape: ModelShape, cfg: RunConfig) -> int:
+    """Linear layers per decoder block that PEFT wraps with a LoRA adapter (0 for full
+    fine-tuning): each wrapper is a Python module call and a few small kernels per pass."""
+    if not cfg.uses_adapter:
+        return 0
+    linears = shape.layer_linears()
+    targets = cfg.lora.target_modules
+    return len(linears) if targets == "all-linear" else sum(1 for t in shape.resolve_targets(targets) if t in linears)
+
+
+def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float) -> dict[str, float]:
+    """Each time term of one micro-batch per unit of its coefficient: the term's seconds are
+    ``feature x coefficient`` (COEFFICIENTS). One formula, used by micro_step_terms here and by
+    scripts/fit_speed.py to fit the coefficients."""
     tokens = cfg.train.micro_batch * padded_len
     full, ckpt = cfg.method == "full", cfg.train.grad_ckpt
     n_matmul = shape.linear_params + shape.vocab * shape.hidden
@@ -154,26 +167,57 @@ def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tfl
         n_matmul * (4 + (2 if full else 0) + (2 if ckpt else 0)) + 2 * shape.layers * padded_len * q * (3 + (1 if ckpt else 0))
     )
     passes = 3 if ckpt else 2
-    seconds = flops / (tflops * 1e12 * MATMUL_EFFICIENCY)
     # The overhead terms were measured on the calibration GPU; scale them with its speed too.
     scale = CALIBRATION_TFLOPS / tflops
-    if cfg.method == "qlora":
-        seconds += scale * DEQUANT_S_PER_TPARAM_PASS * passes * shape.linear_params * 1e-12
-    seconds += scale * LAYER_PASS_S * passes * shape.layers
-    seconds += scale * LOSS_S_PER_TLOGIT * tokens * shape.vocab * 1e-12
+    f = {
+        "matmul": flops / (tflops * 1e12),  # seconds at the dense peak
+        "dequant": scale * passes * shape.linear_params * 1e-12 if cfg.method == "qlora" else 0.0,
+        "layer_pass": scale * passes * shape.layers,
+        "module_pass": scale * passes * shape.layers * adapted_modules_per_layer(shape, cfg),
+        "loss": scale * tokens * shape.vocab * 1e-12,
+        "zero3_16bit": 0.0,
+        "zero3_4bit": 0.0,
+        "zero3_offload": 0.0,
+    }
     if cfg.deepspeed.stage == 3:
         if cfg.method == "qlora":
             other = shape.embed_params + shape.head_params + shape.norm_params
-            gb = (shape.linear_params * 0.5 + other * 2) / 1e9
-            seconds += ZERO3_S_PER_GB_PASS["4bit"] * passes * gb
+            f["zero3_4bit"] = passes * (shape.linear_params * 0.5 + other * 2) / 1e9
         else:
-            per_gb = ZERO3_S_PER_GB_PASS["16bit"] + (ZERO3_OFFLOAD_S_PER_GB_PASS if cfg.deepspeed.offload_params else 0.0)
-            seconds += per_gb * passes * shape.total_params * 2 / 1e9
-    # Out to host RAM in the forward and back in the backward; micro_step_seconds is
-    # called at the padded length, the length the copies have.
-    moved = offloaded_activation_transfer_bytes(shape, cfg, longest=max(1, round(padded_len)))
-    seconds += 2 * moved / (OFFLOAD_PCIE_GB_S * 1e9)
-    return seconds
+            f["zero3_16bit"] = passes * shape.total_params * 2 / 1e9
+            if cfg.deepspeed.offload_params:
+                f["zero3_offload"] = f["zero3_16bit"]
+    # Out to host RAM in the forward and back in the backward; called at the padded length,
+    # the length the copies have. GB moved: its coefficient is 1 / OFFLOAD_PCIE_GB_S.
+    f["offload_activations"] = 2 * offloaded_activation_transfer_bytes(shape, cfg, longest=max(1, round(padded_len))) / 1e9
+    return f
+
+
+def coefficients() -> dict[str, float]:
+    """The fitted constants by step_features' names (read at call time, so a script or test
+    that sets a module constant sees it used)."""
+    return {
+        "matmul": 1 / MATMUL_EFFICIENCY,
+        "dequant": DEQUANT_S_PER_TPARAM_PASS,
+        "layer_pass": LAYER_PASS_S,
+        "module_pass": MODULE_PASS_S,
+        "loss": LOSS_S_PER_TLOGIT,
+        "zero3_16bit": ZERO3_S_PER_GB_PASS["16bit"],
+        "zero3_4bit": ZERO3_S_PER_GB_PASS["4bit"],
+        "zero3_offload": ZERO3_OFFLOAD_S_PER_GB_PASS,
+        "offload_activations": 1 / OFFLOAD_PCIE_GB_S,
+    }
+
+
+def micro_step_terms(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float) -> dict[str, float]:
+    """Seconds of each term of one micro-batch (forward + backward) on one GPU."""
+    coef = coefficients()
+    return {k: v * coef[k] for k, v in step_features(shape, cfg, padded_len, tflops).items()}
+
+
+def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float) -> float:
+    """Seconds for one micro-batch (forward + backward) on one GPU: the terms' sum."""
+    return sum(micro_step_terms(shape, cfg, padded_len, tflops).values())
 
 
 @dataclass(frozen=True)
