@@ -1,0 +1,53 @@
+"""scripts/fit_speed.py: it recovers known coefficients, and rebuilds a run's config as the CLI does."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+pytest.importorskip("scipy")
+
+import fit_speed  # noqa: E402
+
+from vramfit import speed  # noqa: E402
+from vramfit.config import RunConfig  # noqa: E402
+from vramfit.model_shape import load_shape  # noqa: E402
+
+
+def test_nnls_on_relative_error_recovers_known_coefficients():
+    names = fit_speed.FORMS["module"]
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 1.0, (40, len(names))) * rng.uniform(0, 1, len(names)) ** 4
+    truth = rng.uniform(0.1, 2.0, len(names))
+    truth[names.index("loss")] = 0.0  # a term that is not there comes out zero, not negative
+    t = x @ truth
+    got = fit_speed.fit(x, np.zeros(len(t)), t, names, "module")
+    assert got == pytest.approx(truth, rel=1e-6, abs=1e-9)
+
+
+def test_features_times_coefficients_are_the_step_time():
+    shape = load_shape(str(ROOT / "scripts/archs/qwen2.5-7b.json"))
+    cfg = RunConfig.model_validate({"method": "qlora", "lora": {"target_modules": ["q_proj", "v_proj"]}})
+    f, c = speed.step_features(shape, cfg, 512.0, 989.0), speed.coefficients()
+    assert sum(f[k] * c[k] for k in f) == pytest.approx(speed.micro_step_seconds(shape, cfg, 512.0, 989.0))
+    assert f["module_pass"] == pytest.approx(3 * shape.layers * 2)  # q and v wrapped, 3 passes (checkpointing)
+
+
+def test_config_from_command_resolves_preset_gpus_and_sets():
+    cfg = fit_speed.config_from_command(
+        "vramfit train --preset multi-gpu --gpus 2 --model /m --data /d --set data.seq_len=1024 "
+        "--set train.micro_batch=8 --set 'lora.target_modules=[q_proj,v_proj]'"
+    )
+    assert cfg.world_size == 2 and cfg.deepspeed.stage == 2 and cfg.data.seq_len == 1024
+    assert cfg.train.micro_batch == 8 and cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_rows_time_per_micro_batch_is_per_gpu():
+    cfg = fit_speed.config_from_command("vramfit train --preset multi-gpu --gpus 2 --set data.seq_len=1024")
+    row = fit_speed.Row("x", "qwen2.5-7b", cfg, None, measured=4000.0, gpu="NVIDIA H200")
+    assert row.measured_seconds() == pytest.approx(1 * 1024 * 2 / 4000.0)
