@@ -93,6 +93,10 @@ class TrainConfig(_Section):
     # grad_ckpt, each decoder layer's input (layers x tokens x hidden); without, every
     # tensor each layer saves. It crosses PCIe twice per micro-batch (src/vramfit/offload.py).
     offload_activations: bool = False
+    # Keep the (frozen) input embedding table in host RAM: the lookup runs on the CPU and
+    # only the rows looked up cross PCIe. A 7-8B model's table is 1 GiB in 16 bits, an
+    # eighth of an 8 GB card. Adapter methods on one GPU without DeepSpeed only (offload.py).
+    offload_embeddings: bool = False
     seed: int = 42
     logging_steps: PositiveInt = 1
     save_steps: PositiveInt = 50
@@ -102,13 +106,19 @@ class TrainConfig(_Section):
 
 
 class KernelsConfig(_Section):
-    """Liger kernels (liger-kernel, Triton: NVIDIA GPUs only), applied by the HF Trainer."""
+    """Kernels that trade compute for memory: liger-kernel's fused loss (Triton: NVIDIA GPUs
+    only, applied by the HF Trainer) and DeepSpeed's tiled MLP (any device)."""
 
     # Fused linear cross-entropy: the loss over the vocabulary is computed chunk by chunk
     # together with the output projection, so full-vocabulary logits (12 bytes per token
     # and vocabulary entry at the loss's peak: 7 GiB at 4096 tokens of a 152k vocabulary)
     # never exist.
     fused_loss: bool = False
+    # Each decoder layer's MLP computed over chunks of about `hidden` tokens of the sequence
+    # (DeepSpeed's TiledMLP), and recomputed chunk by chunk in the backward: its
+    # intermediates (4 x intermediate_size values per token, most of a layer's activations)
+    # exist for one chunk at a time. One more MLP forward per step: for long sequences.
+    tiled_mlp: bool = False
 
 
 class DeepSpeedConfig(_Section):
@@ -180,6 +190,12 @@ class RunConfig(_Section):
             raise ValueError(f"launch.node_rank {self.launch.node_rank} must be below launch.nodes {self.launch.nodes}")
         if self.method == "qlora" and self.deepspeed.offload_params:
             raise ValueError("qlora cannot offload 4-bit parameters (deepspeed.offload_params); use method lora")
+        if self.train.offload_embeddings:
+            if not self.uses_adapter:
+                raise ValueError("train.offload_embeddings needs method lora or qlora (full fine-tuning trains the embeddings)")
+            # DDP and DeepSpeed want every parameter of the module on the GPU.
+            if self.deepspeed.stage or self.world_size > 1:
+                raise ValueError("train.offload_embeddings works on one GPU without DeepSpeed (deepspeed.stage 0, launch.gpus 1)")
         return self
 
     @property

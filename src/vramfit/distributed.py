@@ -13,7 +13,7 @@ from __future__ import annotations
 from .config import RunConfig
 from .errors import ConfigError, FitError
 from .hardware import GIB, HardwareFacts
-from .memory import offloaded_activation_host_bytes, trainable_params
+from .memory import host_embedding_bytes, offloaded_activation_host_bytes, trainable_params
 from .model_shape import ModelShape
 
 # ZeRO-Offload keeps, in host RAM, for every trainable parameter: an fp32 master copy
@@ -37,8 +37,9 @@ OFFLOAD_MEASURED_GIB = (4.94, 5.39)
 
 
 def offloaded_host_bytes(shape: ModelShape, cfg: RunConfig, dtype: str, longest: int | None = None) -> float:
-    """Bytes that offload to host RAM keeps on one node (0 without offload): ZeRO's, and
-    train.offload_activations' (``longest``: the dataset's longest example, if known).
+    """Bytes that offload to host RAM keeps on one node (0 without offload): ZeRO's,
+    train.offload_activations' (``longest``: the dataset's longest example, if known) and
+    train.offload_embeddings'.
 
     ZeRO partitions optimizer state (and, at stage 3, parameters) over every rank of
     every node, and each rank offloads its partition to its own host: one node holds
@@ -50,7 +51,7 @@ def offloaded_host_bytes(shape: ModelShape, cfg: RunConfig, dtype: str, longest:
         total += OFFLOAD_OPTIMIZER_BYTES * trainable_params(shape, cfg)
     if ds.offload_params:
         total += (4 if dtype == "float32" else 2) * shape.total_params  # the 16-bit (or fp32) weights
-    return total / cfg.launch.nodes + offloaded_activation_host_bytes(shape, cfg, dtype, longest)
+    return total / cfg.launch.nodes + offloaded_activation_host_bytes(shape, cfg, dtype, longest) + host_embedding_bytes(shape, cfg, dtype)
 
 
 def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str, longest: int | None = None) -> list[str]:
@@ -111,7 +112,7 @@ def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str, l
         # Not in the GPU breakdown, so the plan says where it went and what it costs.
         notes.append(
             f"train.offload_activations keeps about {acts / GIB:.1f} GiB of activations in pinned host RAM per node, "
-            "copied out and back over PCIe each micro-batch (measured once on an H200: a step took about 2.7 times as long as predicted without it; docs/benchmarks/fused/)"
+            "copied out and back over PCIe each micro-batch (mostly hidden behind the compute on an H200: docs/benchmarks/savers/)"
         )
     if need and facts.host_ram_bytes:
         usable = facts.host_ram_bytes * HOST_RAM_USABLE
@@ -121,6 +122,7 @@ def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str, l
                 ("optimizer state", ds.offload_optimizer),
                 ("parameters", ds.offload_params),
                 ("activations", cfg.train.offload_activations),
+                ("the input embeddings", cfg.train.offload_embeddings),
             )
             if on
         )
@@ -132,6 +134,8 @@ def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str, l
                 fixes += ["turn off deepspeed.offload_params"] if ds.offload_params else []
             if cfg.train.offload_activations:
                 fixes += ["a shorter data.seq_len or a smaller train.micro_batch"]
+            if cfg.train.offload_embeddings:
+                fixes += ["--set train.offload_embeddings=false"]
             raise FitError(
                 f"offloading {what} needs about {need / GIB:.1f} GiB of host RAM per node, and this machine has "
                 f"{facts.host_ram_bytes / GIB:.1f} GiB ({HOST_RAM_USABLE:.0%} usable: {usable / GIB:.1f} GiB)",

@@ -1,7 +1,8 @@
 """Auto-fit: the fastest configuration whose predicted peak fits the budget. Pure.
 
 Searches method, sequence length, micro-batch (keeping the effective batch),
-gradient checkpointing, optimizer, activations in host RAM (only where that reaches a
+gradient checkpointing, optimizer, the fused loss and the input embeddings in host RAM
+(each only where it buys a faster plan), activations in host RAM (only where that reaches a
 longer sequence) and, with several GPUs, the DeepSpeed ZeRO stage
 (on one GPU, ZeRO-3 with CPU offload as the last resort when nothing else fits),
 never touching what the user pinned, and explains each choice in a line. Predictions come from the calibrated memory model
@@ -114,6 +115,22 @@ def auto_fit(
         fused_options = [base.kernels.fused_loss]
     else:
         fused_options = [False, True]
+    # The input embedding table in host RAM (train.offload_embeddings): on one GPU without
+    # DeepSpeed, for an adapter method and an output head of its own (config.py, plan.py).
+    # Tried both ways; it frees the table's GPU memory for a small per-step cost, so like the
+    # fused loss it is kept only where it buys a faster plan or a longer sequence.
+    if "train.offload_embeddings" in pinned or world > 1 or shape.tied:
+        embed_options = [base.train.offload_embeddings]
+    else:
+        embed_options = [False, True]
+    # DeepSpeed's tiled MLP: one more MLP forward per step for a much smaller peak at long
+    # sequences; tried only where it splits the MLP at all (seq_len > hidden), and chosen
+    # only where it buys a longer sequence or a faster plan (it is slower like for like).
+    def tiled_options(seq: int) -> list[bool]:
+        if "kernels.tiled_mlp" in pinned or seq <= shape.hidden:
+            return [base.kernels.tiled_mlp]
+        return [False, True]
+
     ds_pinned = any(k.startswith("deepspeed.") for k in pinned)
     acts_pinned = "train.offload_activations" in pinned
     longest = lengths.longest if lengths else None
@@ -128,9 +145,11 @@ def auto_fit(
                 continue  # 4-bit weights cannot be offloaded (config.py refuses it)
             # The offload fallback sets the fused loss itself.
             fused_here = [ds["kernels__fused_loss"]] if "kernels__fused_loss" in ds else fused_options
-            for opt, fused in itertools.product(optimizers(method), fused_here):
+            for opt, fused, emb, tiled in itertools.product(optimizers(method), fused_here, embed_options, tiled_options(seq)):
                 if ds.get("deepspeed__offload_optimizer") and opt not in OFFLOAD_OPTIMIZERS:
                     continue  # offload replaces the optimizer with CPU Adam (distributed.py)
+                if emb and (method == "full" or ds.get("deepspeed__stage")):
+                    continue  # config.py refuses it there
                 ga = base.train.grad_accum if "train.grad_accum" in pinned else max(effective // (mb * world), 1)
                 cfg = _with(
                     base,
@@ -141,6 +160,8 @@ def auto_fit(
                     train__grad_ckpt=ckpt,
                     train__optimizer=opt,
                     train__offload_activations=offload_acts,
+                    train__offload_embeddings=emb,
+                    kernels__tiled_mlp=tiled,
                     **{"kernels__fused_loss": fused, **ds},
                 )
                 if host_ram_bytes and offloaded_host_bytes(shape, cfg, dtype, longest) > host_ram_bytes * HOST_RAM_USABLE:
@@ -206,7 +227,13 @@ def auto_fit(
     at_seq = [c for c in feasible if c.config.data.seq_len == best_seq]
     best = max(
         at_seq,
-        key=lambda c: (c.tokens_per_s, -STAGE_PREFERENCE[c.config.deepspeed.stage], not c.config.kernels.fused_loss),
+        key=lambda c: (
+            c.tokens_per_s,
+            -STAGE_PREFERENCE[c.config.deepspeed.stage],
+            not c.config.kernels.fused_loss,
+            not c.config.train.offload_embeddings,
+            not c.config.kernels.tiled_mlp,
+        ),
     )
     lines = _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, world)
     lines.insert(-1, _offload_line(best, pinned, without_acts, seqs[0], shape, dtype, lengths, gpu_name))
@@ -227,7 +254,7 @@ def _offload_line(best, pinned, without: int, top: int, shape, dtype, lengths, g
     return (
         f"train.offload_activations true: saved activations in host RAM ({host:.1f} GiB), "
         + (f"since without it the longest that fits is seq {without}" if without else "since nothing fits without it")
-        + f"; crossing PCIe costs ~{1 - best.tokens_per_s / plain:.0%} of the speed (predicted from one H200 run)"
+        + f"; crossing PCIe costs ~{1 - best.tokens_per_s / plain:.0%} of the speed (predicted from three H200 runs)"
     )
 
 
@@ -299,6 +326,27 @@ def _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, wor
             )
         else:
             lines.append("kernels.fused_loss false: it would fit nothing faster here")
+    if "train.offload_embeddings" in pinned:
+        lines.append(f"train.offload_embeddings {str(c.train.offload_embeddings).lower()}: pinned")
+    elif any(x.config.train.offload_embeddings for x in feasible):
+        if c.train.offload_embeddings:
+            plain = fastest(lambda x: not x.train.offload_embeddings)
+            lines.append(
+                "train.offload_embeddings true: the input embedding table in host RAM frees its GPU memory, "
+                + (f"so a faster plan fits ({best.tokens_per_s:,.0f} tokens/s; {plain.tokens_per_s:,.0f} without it)"
+                   if plain else "without which nothing fits at this length")
+            )
+        else:
+            lines.append("train.offload_embeddings false: freeing the embedding table would fit nothing faster here")
+    if "kernels.tiled_mlp" in pinned:
+        lines.append(f"kernels.tiled_mlp {str(c.kernels.tiled_mlp).lower()}: pinned")
+    elif c.kernels.tiled_mlp:
+        plain = fastest(lambda x: not x.kernels.tiled_mlp)
+        lines.append(
+            "kernels.tiled_mlp true: the MLP runs over chunks of the sequence, so its intermediates are never whole; "
+            + (f"a faster plan fits ({best.tokens_per_s:,.0f} tokens/s; {plain.tokens_per_s:,.0f} without it)" if plain
+               else "without it nothing fits at this length")
+        )
     ds = c.deepspeed
     if any(k.startswith("deepspeed.") for k in pinned):
         lines.append(f"deepspeed.stage {ds.stage}: pinned")

@@ -198,18 +198,30 @@ def eager_mask_bytes(cfg: RunConfig, dtype_bytes: int, seq: int) -> float:
     return cfg.train.micro_batch * seq * seq * dtype_bytes if cfg.model.attn_implementation == "eager" else 0.0
 
 
+MLP_LINEARS = frozenset({"gate_proj", "up_proj", "down_proj", "gate_up_proj"})
+
+
+def mlp_shards(hidden: int, seq: int) -> int:
+    """Chunks of the sequence kernels.tiled_mlp computes the MLP in: about ``hidden`` tokens
+    each, as DeepSpeed's TiledMLP example chooses (a chunk's intermediates then weigh about
+    as much as the layer's input). tiled_mlp.py uses this same count."""
+    return max(1, -(-seq // hidden))
+
+
 def layer_activation_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq: int | None = None) -> float:
     """Activations one decoder block saves for backward over one micro-batch of ``seq``
-    tokens (default seq_len)."""
+    tokens (default seq_len). With kernels.tiled_mlp the MLP keeps only its input, and
+    its intermediates exist one chunk at a time (in the backward's recomputation)."""
     seq = seq or cfg.data.seq_len
     h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    shards = mlp_shards(h, seq) if cfg.kernels.tiled_mlp else 1
     # 2h per RMSNorm: ACT_CORE's 4h was fitted to blocks of two.
-    units = ACT_CORE * (2 * shape.layer_norms * h + 2 * q + 2 * kv + 4 * i)
+    units = ACT_CORE * (2 * shape.layer_norms * h + 2 * q + 2 * kv + 4 * i / shards)
     if cfg.method == "full":
-        units += 2 * h + q + i
+        units += 2 * h + q + i / shards
     elif cfg.lora.dropout > 0:
         linears = shape.layer_linears()
-        units += ACT_LORA_DROPOUT * sum(linears[t][0] for t in _targets(shape, cfg))
+        units += ACT_LORA_DROPOUT * sum(linears[t][0] / (shards if t in MLP_LINEARS else 1) for t in _targets(shape, cfg))
     return cfg.train.micro_batch * seq * dtype_bytes * units + eager_attention_bytes(shape, cfg, dtype_bytes, seq)
 
 
@@ -270,6 +282,16 @@ def offloaded_activation_host_bytes(
     else:
         per_gpu = offloaded_activation_transfer_bytes(shape, cfg, dtype, longest) * OFFLOAD_PINNED_ROUNDING
     return per_gpu * cfg.launch.gpus
+
+
+def host_embedding_bytes(shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16") -> float:
+    """Bytes of the input embedding table that train.offload_embeddings keeps in host RAM
+    instead of on the GPU (0 without it). In the dtype the weights load in, or fp32 where
+    QLoRA upcasts the embeddings."""
+    if not cfg.train.offload_embeddings:
+        return 0.0
+    upcast = cfg.method == "qlora" and cfg.quant.upcast_embeddings
+    return shape.embed_params * (4 if upcast else _dtype_bytes(dtype))
 
 
 def _optimizer_bytes(shape: ModelShape, cfg: RunConfig, n_train: int, state_bytes: int) -> tuple[float, float]:
@@ -336,6 +358,8 @@ def estimate(
         weights = shape.linear_params * _quant_bytes(cfg) + other * emb_bytes
     else:
         weights = shape.total_params * b
+    if device == "cuda":
+        weights -= host_embedding_bytes(shape, cfg, dtype)
     step_slack = 0.0  # reserved but not allocated at the optimizer step, beyond OTHER_SLACK
     gathered = 0.0  # ZeRO-3: parameters gathered whole for the modules computing now
     if stage == 3:

@@ -1,4 +1,5 @@
-"""``train.offload_activations``: what the decoder layers save for backward lives in host RAM.
+"""``train.offload_activations``: what the decoder layers save for backward lives in host RAM;
+``train.offload_embeddings``: so does the input embedding table (``embeddings_on_host``).
 
 Imported only by ``train.py`` (it imports torch at top level, like the trainer).
 
@@ -128,3 +129,44 @@ def _wrap_checkpointing_call(cls: type) -> None:
 
     call._vramfit_wrapped = True
     cls.__call__ = call
+
+
+def embeddings_on_host(model: nn.Module):
+    """``train.offload_embeddings``: keep the input embedding table in host RAM. Moves it
+    there and returns ``place``, which moves it there again (and is a no-op once it is).
+
+    The lookup then runs on the CPU (a gather of micro_batch x seq rows) and only its
+    output crosses PCIe, micro_batch x seq x hidden 16-bit values, where the table is
+    vocab x hidden: 1 GiB on a 7-8B model. The table must be frozen (an adapter method:
+    config.py) and not shared with the output head (plan.py refuses tied models), and
+    every parameter of a DDP or DeepSpeed module must be on the GPU (config.py: one GPU).
+    Accelerate's ``prepare`` moves a non-quantized model to the GPU whole, after loading:
+    train.py calls ``place`` again when training begins.
+    """
+    emb = model.get_input_embeddings()
+    if any(p.requires_grad for p in emb.parameters()):
+        raise ValueError("train.offload_embeddings: the input embeddings are trainable here; only a frozen table can live in host RAM")
+    origin: list[torch.device] = []
+
+    def ids_to_table(module, args):
+        ids = args[0]
+        origin.append(ids.device)  # the rows go back where the ids came from
+        return (ids.to(module.weight.device), *args[1:])
+
+    def rows_back(module, args, output):
+        return output.to(origin.pop())
+
+    emb.register_forward_pre_hook(ids_to_table)
+    # First among the forward hooks: transformers' enable_input_require_grads (registered
+    # later, when the Trainer turns checkpointing on) then marks the GPU copy as needing
+    # gradients, so the backward stops there instead of copying a gradient to the CPU.
+    emb.register_forward_hook(rows_back, prepend=True)
+
+    def place() -> None:
+        if emb.weight.device.type == "cpu":
+            return
+        emb.to("cpu")
+        torch.cuda.empty_cache()  # hand the table's GPU block back instead of keeping it cached
+
+    place()
+    return place

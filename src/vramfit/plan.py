@@ -135,6 +135,12 @@ def build_plan(
                 f"kernels.fused_loss: liger-kernel has no fused loss for {shape.model_type} models",
                 "use --set kernels.fused_loss=false",
             )
+    if config.train.offload_embeddings and shape.tied:
+        raise ConfigError(
+            f"train.offload_embeddings: this {shape.model_type} model's output head shares the input embedding table, "
+            "which the head needs on the GPU",
+            "use --set train.offload_embeddings=false",
+        )
     attn = config.model.attn_implementation
     if attn == "sdpa" and shape.model_type in NO_SDPA_MODEL_TYPES:
         raise ConfigError(

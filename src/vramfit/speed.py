@@ -30,7 +30,7 @@ from functools import lru_cache
 
 from .config import RunConfig
 from .data import pack_rows
-from .memory import offloaded_activation_transfer_bytes
+from .memory import MLP_LINEARS, mlp_shards, offloaded_activation_transfer_bytes
 from .model_shape import ModelShape
 
 # Dense bf16 tensor throughput (TFLOP/s, no sparsity) by GPU name, from the vendors'
@@ -103,6 +103,10 @@ ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0484
 # scripts/fit_speed.py leaves this run out and keeps the rate; with the refitted terms the
 # run is predicted at 3,022 tokens/s (-7%).
 OFFLOAD_PCIE_GB_S = 2.06
+# train.offload_embeddings: GB/s of looked-up embedding rows (CPU gather + unpinned copy to
+# the GPU), adding to the step. A conservative guess until measured on a GPU: the rows are a
+# few MB to ~100 MB per micro-batch, so the term is small either way.
+EMBED_ROWS_GB_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -179,11 +183,19 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
         n_matmul * (4 + (2 if full else 0) + (2 if ckpt else 0)) + 2 * shape.layers * padded_len * q * (3 + (1 if ckpt else 0))
     )
     passes = 3 if ckpt else 2
+    dequantized = passes * shape.linear_params
+    shards = mlp_shards(shape.hidden, round(padded_len)) if cfg.kernels.tiled_mlp else 1
+    if shards > 1:
+        # kernels.tiled_mlp recomputes the MLP forward in the backward, and (QLoRA) each of
+        # its 4-bit weights is dequantized once per chunk of every pass.
+        mlp = shape.layers * sum(a * b for n, (a, b) in shape.layer_linears().items() if n in MLP_LINEARS)
+        flops += tokens * 2 * mlp
+        dequantized += mlp * ((passes + 1) * shards - passes)
     # The overhead terms were measured on the calibration GPU; scale them with its speed too.
     scale = CALIBRATION_TFLOPS / tflops
     f = {
         "matmul": flops / (tflops * 1e12),  # seconds at the dense peak
-        "dequant": scale * passes * shape.linear_params * 1e-12 if cfg.method == "qlora" else 0.0,
+        "dequant": scale * dequantized * 1e-12 if cfg.method == "qlora" else 0.0,
         "layer_pass": scale * passes * shape.layers,
         "module_pass": scale * passes * shape.layers * adapted_modules_per_layer(shape, cfg),
         "q4_module_pass": scale * passes * shape.layers * len(shape.layer_linears()) if cfg.method == "qlora" else 0.0,
@@ -203,6 +215,9 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
     # Out to host RAM in the forward and back in the backward; called at the padded length,
     # the length the copies have. GB moved: its coefficient is 1 / OFFLOAD_PCIE_GB_S.
     f["offload_activations"] = 2 * offloaded_activation_transfer_bytes(shape, cfg, longest=max(1, round(padded_len))) / 1e9
+    # train.offload_embeddings: the CPU's gather of the looked-up rows and their copy to the
+    # GPU, once per micro-batch. GB: its coefficient is 1 / EMBED_ROWS_GB_S.
+    f["embed_rows"] = tokens * shape.hidden * 2 / 1e9 if cfg.train.offload_embeddings else 0.0
     return f
 
 
@@ -220,6 +235,7 @@ def coefficients() -> dict[str, float]:
         "zero3_4bit": ZERO3_S_PER_GB_PASS["4bit"],
         "zero3_offload": ZERO3_OFFLOAD_S_PER_GB_PASS,
         "offload_activations": 1 / OFFLOAD_PCIE_GB_S,
+        "embed_rows": 1 / EMBED_ROWS_GB_S,
     }
 
 

@@ -157,6 +157,17 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
+class EmbeddingsOnHost(TrainerCallback):
+    """train.offload_embeddings: Accelerate's prepare (after loading, before the first
+    step) moves a non-quantized model to the GPU whole; put the table back in host RAM."""
+
+    def __init__(self, place) -> None:
+        self.place = place
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.place()
+
+
 class Progress(TrainerCallback):
     def __init__(self, log: Log, trainer_ref: list, monitor: MemoryMonitor) -> None:
         self.log, self.trainer_ref, self.monitor = log, trainer_ref, monitor
@@ -510,6 +521,22 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     args = TrainingArguments(**args_dict)
     torch.manual_seed(cfg.train.seed)
     model = load_model(doc, cfg, run_dir)
+    callbacks: list[TrainerCallback] = []
+    if cfg.kernels.tiled_mlp:
+        from .tiled_mlp import install as tile_mlps
+
+        tiled = tile_mlps(model)
+        if not tiled:
+            raise VramfitError(
+                "kernels.tiled_mlp: this model's decoder layers have no `mlp` module it knows how to tile",
+                "plan again with --set kernels.tiled_mlp=false",
+            )
+        log(f"kernels: the MLP of each of {tiled} decoder layers runs over chunks of the sequence (DeepSpeed TiledMLP)")
+    if cfg.train.offload_embeddings:
+        from .offload import embeddings_on_host
+
+        callbacks.append(EmbeddingsOnHost(embeddings_on_host(model)))
+        log("embeddings: the input embedding table stays in host RAM; lookups run on the CPU")
 
     trainer_ref: list = []
     progress = Progress(log, trainer_ref, monitor)
@@ -519,7 +546,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         train_dataset=train_ds,
         eval_dataset=val_ds,
         data_collator=Collator(tokenizer),
-        callbacks=[progress],
+        callbacks=[progress, *callbacks],
     )
     trainer.longest_first = longest_first
     if cfg.train.offload_activations:

@@ -1,0 +1,236 @@
+"""train.offload_embeddings (offload.embeddings_on_host) and kernels.tiled_mlp (tiled_mlp.py),
+in process on CPU: training computes the same loss and gradients with them, and the memory
+model and auto-fit count what they save."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from test_offload import LORA, tiny_model
+from vramfit.config import RunConfig
+from vramfit.errors import ConfigError
+from vramfit.fit import auto_fit
+from vramfit.hardware import fake_facts
+from vramfit.memory import estimate, layer_activation_bytes, mlp_shards
+from vramfit.model_shape import shape_from_config
+from vramfit.offload import embeddings_on_host
+from vramfit.plan import build_plan
+
+
+def step(model, ckpt: bool, embeddings: bool = False, tiled: bool = False, ids=None):
+    model = copy.deepcopy(model)
+    if embeddings:
+        embeddings_on_host(model)
+    if tiled:
+        from vramfit.tiled_mlp import install
+
+        assert install(model) == model.config.num_hidden_layers
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(1)  # same dropout masks in both runs
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_embeddings_in_host_ram_train_the_same(ckpt):
+    model = tiny_model(LORA, tie_word_embeddings=False)
+    ids = torch.randint(3, 262, (2, 37))
+    loss, grads = step(model, ckpt, ids=ids)
+    loss_h, grads_h = step(model, ckpt, embeddings=True, ids=ids)
+    assert loss_h == loss
+    assert grads.keys() == grads_h.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_h[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_embeddings_in_host_ram_are_moved_back_after_the_model_is():
+    """Accelerate's prepare moves a non-quantized model to its device whole: place() undoes it
+    for the table alone, and the lookup's rows go back to the device the ids came from."""
+    model = tiny_model(LORA, tie_word_embeddings=False)
+    place = embeddings_on_host(model)
+    emb = model.get_input_embeddings()
+    assert emb.weight.device.type == "cpu"
+    seen = []
+    emb.register_forward_hook(lambda m, a, out: seen.append((a[0].device.type, out.device.type)))
+    model.to("meta")  # stands in for the GPU: every parameter leaves host RAM
+    assert emb.weight.device.type == "meta"
+    emb.to_empty(device="cpu")  # a meta tensor has no values to copy back
+    place()
+    assert emb.weight.device.type == "cpu"
+    out = emb(torch.tensor([[3, 4]]))
+    assert out.device.type == "cpu" and seen == [("cpu", "cpu")]
+
+
+def test_trainable_embeddings_are_refused():
+    model = tiny_model(None, tie_word_embeddings=False)  # full fine-tuning: every weight trains
+    with pytest.raises(ValueError, match="trainable"):
+        embeddings_on_host(model)
+
+
+NO_DROPOUT = [{"r": 4, "target_modules": "all-linear", "lora_dropout": 0.0}, {"r": 4, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}]
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("lora", NO_DROPOUT)
+def test_tiled_mlp_trains_the_same(ckpt, lora):
+    """Without dropout the chunked MLP computes what the whole one does. (With dropout the
+    chunks draw other masks than the whole tensor would: a different sample, not an error.)"""
+    model = tiny_model(lora)
+    hidden = model.config.hidden_size
+    seq = 3 * hidden + 5  # four chunks, the last one short
+    assert mlp_shards(hidden, seq) == 4
+    ids = torch.randint(3, 262, (2, seq))
+    loss, grads = step(model, ckpt, ids=ids)
+    loss_t, grads_t = step(model, ckpt, tiled=True, ids=ids)
+    assert loss_t == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == grads_t.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_t[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_tiled_mlp_with_dropout_computes_the_losss_own_gradient(ckpt):
+    """TiledMLP recomputes each chunk in the backward; unless that replays the forward's
+    dropout masks, the gradient is not the one of the loss it returned. Checked against a
+    central difference along the gradient, in float64, each forward from the same seed."""
+    from vramfit.tiled_mlp import install
+
+    model = tiny_model({"r": 4, "target_modules": "all-linear", "lora_dropout": 0.3}, dtype=torch.float64)
+    with torch.no_grad():  # LoRA's B starts at zero, which would hide the masks from the loss
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    install(model)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 262, (2, 2 * model.config.hidden_size + 9))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_at() -> torch.Tensor:
+        torch.manual_seed(7)
+        return model(input_ids=ids, labels=ids).loss
+
+    loss_at().backward()
+    grad = [p.grad.clone() for p in params]
+    norm = torch.sqrt(sum((g * g).sum() for g in grad))
+    # The loss comes out of transformers in fp32 (it upcasts the logits): eps large enough
+    # for its rounding, small enough for the curvature.
+    eps = 1e-2
+    with torch.no_grad():
+        for p, g in zip(params, grad):
+            p.add_(eps * g / norm)
+    up = loss_at().item()  # with gradients on, as in training: without, the MLP takes the plain path
+    with torch.no_grad():
+        for p, g in zip(params, grad):
+            p.sub_(2 * eps * g / norm)
+    down = loss_at().item()
+    assert (up - down) / (2 * eps) == pytest.approx(norm.item(), rel=2e-3)
+
+
+def test_tiled_mlp_leaves_short_sequences_and_evaluation_alone():
+    from vramfit.tiled_mlp import install
+
+    model = tiny_model(LORA)
+    install(model)
+    mlp = model.get_base_model().model.layers[0].mlp
+    hidden = model.config.hidden_size
+
+    def tiled(out: torch.Tensor) -> bool:
+        seen, todo = set(), [out.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is not None and fn not in seen:
+                seen.add(fn)
+                todo += [f for f, _ in fn.next_functions]
+        return any("TiledMLP" in fn.name() for fn in seen)
+
+    assert not tiled(mlp(torch.randn(2, hidden, hidden, requires_grad=True)))  # one chunk: the plain path
+    assert tiled(mlp(torch.randn(2, hidden + 1, hidden, requires_grad=True)))
+    with torch.no_grad():
+        assert mlp(torch.randn(1, 4 * hidden, hidden)).grad_fn is None
+
+
+# ------------------------------------------------------------------ the memory model and auto-fit
+
+QWEN7B = {
+    "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+    "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+def cfg(**sets) -> RunConfig:
+    data = {"method": "qlora", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}}
+    for key, value in sets.items():
+        section, _, name = key.partition("__")
+        data.setdefault(section, {})[name] = value
+    return RunConfig.model_validate(data)
+
+
+def test_embeddings_in_host_ram_leave_the_gpu_by_their_bytes():
+    shape = shape_from_config(QWEN7B)
+    plain, host = cfg(), cfg(train__offload_embeddings=True)
+    table = shape.embed_params * 2
+    assert estimate(shape, plain).weights - estimate(shape, host).weights == table
+    # On a CPU run the table is in host RAM either way.
+    assert estimate(shape, plain, device="cpu").weights == estimate(shape, host, device="cpu").weights
+
+
+def test_tiled_mlp_shrinks_a_layers_activations_only_past_one_chunk():
+    shape = shape_from_config(QWEN7B)
+    for seq, smaller in ((2048, False), (16384, True)):
+        plain = layer_activation_bytes(shape, cfg(data__seq_len=seq), 2)
+        tiled = layer_activation_bytes(shape, cfg(data__seq_len=seq, kernels__tiled_mlp=True), 2)
+        assert (tiled < plain) == smaller and tiled <= plain
+    # Most of a 7B layer's activations are the MLP's: tiling 16k tokens in 5 chunks removes over half.
+    assert layer_activation_bytes(shape, cfg(data__seq_len=16384, kernels__tiled_mlp=True), 2) < 0.5 * layer_activation_bytes(
+        shape, cfg(data__seq_len=16384), 2
+    )
+
+
+@pytest.mark.parametrize(
+    "sets, match",
+    [
+        ({"method": "full", "train": {"offload_embeddings": True}}, "lora or qlora"),
+        ({"train": {"offload_embeddings": True}, "deepspeed": {"stage": 2}}, "one GPU"),
+        ({"train": {"offload_embeddings": True}, "launch": {"gpus": 2}}, "one GPU"),
+    ],
+)
+def test_offload_embeddings_is_refused_where_it_cannot_work(sets, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig.model_validate(sets)
+
+
+def test_a_tied_model_cannot_keep_its_embeddings_in_host_ram():
+    shape = shape_from_config({**QWEN7B, "tie_word_embeddings": True})
+    with pytest.raises(ConfigError, match="shares the input embedding"):
+        build_plan(cfg(train__offload_embeddings=True), shape, fake_facts(80))
+
+
+def test_auto_fit_uses_the_savers_on_a_fake_8gb_card_only_where_they_pay():
+    """Qwen2.5-7B QLoRA r8 q/v at micro-batch 1 on an 8 GB card, the sequence pinned: at 2048
+    tokens freeing the embedding table buys nothing (checkpointing stays on either way), at
+    512 it buys dropping checkpointing, at 8192 a plan that fits at all without the slower
+    tiled MLP. Each choice is explained."""
+    shape = shape_from_config(QWEN7B)
+    pinned = {"method", "lora.r", "lora.target_modules", "train.micro_batch", "train.grad_accum", "data.seq_len"}
+
+    def fit(seq: int):
+        base = cfg(train__micro_batch=1, train__grad_accum=1, data__seq_len=seq)
+        plan, lines = auto_fit(base, pinned, shape, 8, "NVIDIA H200", None, fused_available=True)
+        assert estimate(shape, plan).peak_gib <= 8 * 0.95
+        return plan, lines
+
+    mid, lines = fit(2048)
+    assert not mid.train.offload_embeddings and mid.train.grad_ckpt
+    assert "train.offload_embeddings false: freeing the embedding table would fit nothing faster here" in lines
+    short, lines = fit(512)
+    assert short.train.offload_embeddings and not short.train.grad_ckpt
+    assert any(line.startswith("train.offload_embeddings true: ") and "faster plan fits" in line for line in lines)
+    assert not short.kernels.tiled_mlp  # 512 tokens are one chunk
+    long, _ = fit(8192)
+    assert long.train.offload_embeddings and not long.kernels.tiled_mlp
