@@ -194,6 +194,7 @@ FAIR_KEYS = (
 # What the auto plan may set differently from the seed config: the memory/speed choices.
 PLANNER_KEYS = (
     "method", "quant.", "train.micro_batch", "train.grad_accum", "train.grad_ckpt", "train.optimizer", "kernels.",
+    "train.offload_activations", "train.offload_embeddings",
     "deepspeed.", "model.dtype", "budget_gib", "launch.env", "train.dataloader_workers",
 )  # fmt: skip
 

@@ -51,7 +51,6 @@ import argparse
 import json
 import re
 import shlex
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path

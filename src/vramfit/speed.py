@@ -92,20 +92,19 @@ ZERO3_S_PER_GB_PASS = {"16bit": 0.0363, "4bit": 0.115}
 # determines it: in-sample only).
 ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0484
 # train.offload_activations: the effective GB/s of each copy (device to host in the
-# forward, back in the backward), counted as adding to the step rather than overlapping
-# it. Fitted on the one vramfit run (docs/benchmarks/fused/: Qwen2.5-7B QLoRA r8 q/v,
-# seq 8192, fused loss, 1 H200): 3,256 tokens/s against 6,309 predicted at 25 GB/s, so
-# 2 x 1.64 GB took ~1.6 s more per micro-batch: 2.06 GB/s, far below PCIe. The cause was
-# found afterwards on CPU: under the GPU machine's transformers 5.17 the hooks ran inside
-# each layer's checkpoint, so the layers' insides crossed PCIe too (offload.install now
-# pushes them outside; tests/test_offload.py emulates 5.17). Not yet re-measured: until it
-# is, plans keep the measured rate, which is likely too slow for the fixed code.
-# scripts/fit_speed.py leaves this run out and keeps the rate; with the refitted terms the
-# run is predicted at 3,022 tokens/s (-7%).
-OFFLOAD_PCIE_GB_S = 2.06
+# forward, back in the backward), counted as adding to the step. The pinned copies mostly
+# overlap the compute, so this is what is left of them: measured on the fixed path (hooks
+# outside each layer's checkpoint) by scripts/prove_memory_savers.py, three H200 runs with
+# checkpointing (docs/benchmarks/savers/): the time beyond this model's other terms was
+# ~0 s for 2 x 1.5 GiB (Qwen2.5-7B, 8k), 0.38 s for 2 x 3.1 GiB (16k) and 1.7 s for
+# 2 x 5.5 GiB (Llama-3.1-8B, 22k); a least-squares rate through those three. (The one
+# earlier run, 2.06 GB/s, was transformers 5.17 copying each layer's insides too:
+# docs/benchmarks/fused/.)
+OFFLOAD_PCIE_GB_S = 8.6
 # train.offload_embeddings: GB/s of looked-up embedding rows (CPU gather + unpinned copy to
-# the GPU), adding to the step. A conservative guess until measured on a GPU: the rows are a
-# few MB to ~100 MB per micro-batch, so the term is small either way.
+# the GPU), adding to the step. Not separately measured: a conservative guess. The rows are
+# a few MB to ~100 MB per micro-batch, so the term is small either way; the runs with it in
+# docs/benchmarks/savers/ trained faster than predicted.
 EMBED_ROWS_GB_S = 5.0
 
 
