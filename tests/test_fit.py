@@ -162,12 +162,19 @@ def test_offloaded_activations_cost_their_pcie_copies():
 # ---------------------------------------------------------------- activations in host RAM
 
 FUSED = {"pinned": {"kernels.fused_loss"}, "kernels": {"fused_loss": True}}
+# The fused loss pinned on and the other savers pinned off: what activation offload alone buys
+# (with the embedding table in host RAM and the tiled MLP the longest example fits without it).
+FUSED_ONLY = {
+    "pinned": {"kernels.fused_loss", "kernels.tiled_mlp", "train.offload_embeddings"},
+    "kernels": {"fused_loss": True, "tiled_mlp": False},
+    "train": {"offload_embeddings": False},
+}
 
 
 def test_8gb_card_keeps_activations_in_host_ram_to_reach_a_longer_sequence():
     # With the fused loss the logits are small, so the layers' inputs weigh on the length:
     # 28 x 3072 tokens x 3584 x 2 bytes = 0.6 GiB that an 8 GB card cannot also hold.
-    c, why, peak = fitted(8, lengths=LONG, **FUSED)
+    c, why, peak = fitted(8, lengths=LONG, **FUSED_ONLY)
     assert c.train.offload_activations and c.train.grad_ckpt
     assert c.data.seq_len == 3072 and "of examples truncated" in why[0]
     assert peak <= 8 * (1 - SAFETY_MARGIN)
@@ -195,8 +202,8 @@ def test_activations_in_host_ram_only_where_they_reach_further():
 
 
 def test_activations_pinned_off_are_never_offloaded():
-    c, why, _ = fitted(8, lengths=LONG, pinned={"kernels.fused_loss", "train.offload_activations"},
-                       kernels={"fused_loss": True}, train={"offload_activations": False})  # fmt: skip
+    c, why, _ = fitted(8, lengths=LONG, pinned={*FUSED_ONLY["pinned"], "train.offload_activations"},
+                       kernels=FUSED_ONLY["kernels"], train={"offload_embeddings": False, "offload_activations": False})  # fmt: skip
     assert not c.train.offload_activations and c.data.seq_len == 1536
     assert "train.offload_activations false: pinned" in why
 
