@@ -174,9 +174,12 @@ FUSED_ONLY = {
 def test_8gb_card_keeps_activations_in_host_ram_to_reach_a_longer_sequence():
     # With the fused loss the logits are small, so the layers' inputs weigh on the length:
     # 28 x 3072 tokens x 3584 x 2 bytes = 0.6 GiB that an 8 GB card cannot also hold.
+    # Since the two H200 runs without checkpointing (docs/benchmarks/speed/2-max-context/), every
+    # saved tensor in host RAM reaches the longest example here (6016), where checkpointed
+    # layer inputs alone reached 3072.
     c, why, peak = fitted(8, lengths=LONG, **FUSED_ONLY)
-    assert c.train.offload_activations and c.train.grad_ckpt
-    assert c.data.seq_len == 3072 and "of examples truncated" in why[0]
+    assert c.train.offload_activations
+    assert c.data.seq_len == 6016 and "0.0% of examples truncated" in why[0]
     assert peak <= 8 * (1 - SAFETY_MARGIN)
     line = next(x for x in why if x.startswith("train.offload_activations"))
     assert line.startswith("train.offload_activations true: saved activations in host RAM")

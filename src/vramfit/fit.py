@@ -102,8 +102,9 @@ def auto_fit(
     def optimizers(method: str) -> list[str]:
         if "train.optimizer" in pinned:
             return [base.train.optimizer]
-        # Adapter optimizer state is small: keep the calibrated torch AdamW. Full
-        # fine-tuning: 8-bit states first, paged ones when even those don't fit.
+        # Adapter optimizer state is small: keep the calibrated torch AdamW (8-bit states
+        # for adapters have no GPU measurement yet). Full fine-tuning: 8-bit states first,
+        # paged ones when even those don't fit.
         return ["adamw_torch"] if method != "full" else ["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 
     # The fused loss (liger-kernel) where it is installed and knows the architecture:
@@ -311,9 +312,21 @@ def _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, wor
             "train.grad_ckpt true: "
             + ("without it nothing fits at this length" if off is None else f"faster here ({off.tokens_per_s:,.0f} tokens/s without it)")
         )
+    elif c.train.offload_activations:
+        lines.append("train.grad_ckpt false: the saved activations go to host RAM instead, so no recomputation")
     else:
         lines.append("train.grad_ckpt false: activations fit, so no recomputation (~30% faster)")
-    lines.append(f"train.optimizer {c.train.optimizer}" + (": pinned" if "train.optimizer" in pinned else ""))
+    if "train.optimizer" in pinned:
+        lines.append(f"train.optimizer {c.train.optimizer}: pinned")
+    elif c.train.optimizer != "adamw_torch":
+        torch_adam = fastest(lambda x: x.train.optimizer == "adamw_torch")
+        lines.append(
+            f"train.optimizer {c.train.optimizer}: 8-bit optimizer states, "
+            + (f"so a faster plan fits ({best.tokens_per_s:,.0f} tokens/s; {torch_adam.tokens_per_s:,.0f} with adamw_torch)"
+               if torch_adam else "without which nothing fits at this length")
+        )
+    else:
+        lines.append("train.optimizer adamw_torch")
     if "kernels.fused_loss" in pinned:
         lines.append(f"kernels.fused_loss {str(c.kernels.fused_loss).lower()}: pinned")
     elif any(x.config.kernels.fused_loss for x in feasible):

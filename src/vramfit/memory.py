@@ -95,6 +95,11 @@ ACT_LORA_DROPOUT = 1.41
 # inputs, one per layer, and are counted exactly.)
 OFFLOAD_SAVED_COPIES = 2.1
 OFFLOAD_PINNED_ROUNDING = 1.5
+# On an H200 the copies measured 1.13x and 1.15x the GPU figure (two runs without
+# checkpointing in docs/benchmarks/speed/2-max-context/: Qwen2.5-7B r8 q/v at 14,208 tokens,
+# Llama-3.1-8B r32 all-linear at 3,456). The PCIe time (speed.py) uses this measurement;
+# host RAM keeps the CPU's upper range above, since an overfull host fails a run too.
+OFFLOAD_SAVED_COPIES_GPU = 1.15
 
 # Eager attention (model.attn_implementation=eager; gemma2's default, having no sdpa)
 # materializes every layer's attention scores, micro_batch x heads x seq x seq, which
@@ -256,16 +261,19 @@ def offloaded_activation_gpu_bytes(layers: int, block_input: float, layer_acts: 
 
 
 def offloaded_activation_transfer_bytes(
-    shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", longest: int | None = None
+    shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", longest: int | None = None,
+    copies: float = OFFLOAD_SAVED_COPIES,
 ) -> float:
     """Bytes train.offload_activations copies to host RAM per micro-batch (and back in the
-    backward), on one GPU; 0 without it."""
+    backward), on one GPU; 0 without it. ``copies``: how many times over the saved tensors
+    are copied without checkpointing (OFFLOAD_SAVED_COPIES for host RAM, the bound;
+    OFFLOAD_SAVED_COPIES_GPU for PCIe time, as measured)."""
     if not cfg.train.offload_activations:
         return 0.0
     block_input, layer_acts = _activation_sizes(shape, cfg, _dtype_bytes(dtype), longest)
     if cfg.train.grad_ckpt:
         return shape.layers * block_input
-    return shape.layers * layer_acts * OFFLOAD_SAVED_COPIES
+    return shape.layers * layer_acts * copies
 
 
 def offloaded_activation_host_bytes(
@@ -415,11 +423,17 @@ def estimate(
     if cfg.kernels.fused_loss:
         logits = fused_loss_bytes(shape, tokens, b, head_trainable=cfg.method == "full")
         loss_slack = OTHER_SLACK * logits
-        # Kept with the activations in host RAM too. Its one run there (7B QLoRA, seq 8192,
-        # 8 GiB) measured within 0.2% without it, but that run's offload also moved each
-        # layer's insides (transformers 5.17's checkpointing, fixed since in offload.py);
-        # the fixed path recomputes them on the GPU as the runs above do. Re-measure.
+        # Kept with checkpointed layer inputs in host RAM: the fixed offload path recomputes
+        # each layer on the GPU as the runs above do, and its four H200 runs
+        # (docs/benchmarks/savers/, Qwen2.5-7B 8k-16k, Llama-3.1-8B 21k-22k) needed 0.2 GiB
+        # less to 0.6 GiB more than the residual gives (-6.1% to +3.1% in all).
         residual = FUSED_RESIDUAL_PER_TOKEN * tokens + FUSED_RESIDUAL_PER_SEQ2 * cfg.train.micro_batch * seq * seq
+        if cfg.train.offload_activations and not ckpt and device == "cuda":
+            # Without checkpointing, with every saved tensor in host RAM, the two H200 runs
+            # (docs/benchmarks/speed/2-max-context/: Qwen2.5-7B at 14,208 tokens, Llama-3.1-8B
+            # at 3,456) measured 0.2-0.3 GiB under the terms above without the residual: none
+            # of it is left on the GPU there.
+            residual = 0.0
         logits += residual
         in_backward += residual
     else:

@@ -30,7 +30,7 @@ from functools import lru_cache
 
 from .config import RunConfig
 from .data import pack_rows
-from .memory import MLP_LINEARS, mlp_shards, offloaded_activation_transfer_bytes
+from .memory import MLP_LINEARS, OFFLOAD_SAVED_COPIES_GPU, mlp_shards, offloaded_activation_transfer_bytes
 from .model_shape import ModelShape
 
 # Dense bf16 tensor throughput (TFLOP/s, no sparsity) by GPU name, from the vendors'
@@ -94,13 +94,15 @@ ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0484
 # train.offload_activations: the effective GB/s of each copy (device to host in the
 # forward, back in the backward), counted as adding to the step. The pinned copies mostly
 # overlap the compute, so this is what is left of them: measured on the fixed path (hooks
-# outside each layer's checkpoint) by scripts/prove_memory_savers.py, three H200 runs with
-# checkpointing (docs/benchmarks/savers/): the time beyond this model's other terms was
-# ~0 s for 2 x 1.5 GiB (Qwen2.5-7B, 8k), 0.38 s for 2 x 3.1 GiB (16k) and 1.7 s for
-# 2 x 5.5 GiB (Llama-3.1-8B, 22k); a least-squares rate through those three. (The one
-# earlier run, 2.06 GB/s, was transformers 5.17 copying each layer's insides too:
-# docs/benchmarks/fused/.)
-OFFLOAD_PCIE_GB_S = 8.6
+# outside each layer's checkpoint), six H200 runs (docs/benchmarks/savers/ and
+# docs/benchmarks/speed/2-max-context/), the time beyond this model's other terms against
+# the bytes copied (metrics.json's offloaded_activations, out and back): with
+# checkpointing ~0 s for 3.3 GB (Qwen2.5-7B 8k), 0.38 s for 6.6 GB (16k), 1.7 s for
+# 11-12 GB (Llama-3.1-8B 21-22k, where part is the other terms' error: all-linear LoRA
+# with the tiled MLP); without it 1.17 s for 64 GB (Llama, 3,456) and 1.54 s for 81 GB
+# (Qwen, 14,208). A least-squares rate through all six. (The one earlier run, 2.06 GB/s,
+# was transformers 5.17 copying each layer's insides too: docs/benchmarks/fused/.)
+OFFLOAD_PCIE_GB_S = 46.0
 # train.offload_embeddings: GB/s of looked-up embedding rows (CPU gather + unpinned copy to
 # the GPU), adding to the step. Not separately measured: a conservative guess. The rows are
 # a few MB to ~100 MB per micro-batch, so the term is small either way; the runs with it in
@@ -213,7 +215,8 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
                 f["zero3_offload"] = f["zero3_16bit"]
     # Out to host RAM in the forward and back in the backward; called at the padded length,
     # the length the copies have. GB moved: its coefficient is 1 / OFFLOAD_PCIE_GB_S.
-    f["offload_activations"] = 2 * offloaded_activation_transfer_bytes(shape, cfg, longest=max(1, round(padded_len))) / 1e9
+    moved = offloaded_activation_transfer_bytes(shape, cfg, longest=max(1, round(padded_len)), copies=OFFLOAD_SAVED_COPIES_GPU)
+    f["offload_activations"] = 2 * moved / 1e9
     # train.offload_embeddings: the CPU's gather of the looked-up rows and their copy to the
     # GPU, once per micro-batch. GB: its coefficient is 1 / EMBED_ROWS_GB_S.
     f["embed_rows"] = tokens * shape.hidden * 2 / 1e9 if cfg.train.offload_embeddings else 0.0
