@@ -1,8 +1,8 @@
 """Auto-fit: the fastest configuration whose predicted peak fits the budget. Pure.
 
 Searches method, sequence length, micro-batch (keeping the effective batch),
-gradient checkpointing, optimizer, the fused loss and the input embeddings in host RAM
-(each only where it buys a faster plan), activations in host RAM (only where that reaches a
+gradient checkpointing, optimizer, the fused loss, the input embeddings in host RAM and
+DeepSpeed's tiled MLP (each only where it buys a faster plan or a longer sequence), activations in host RAM (only where that reaches a
 longer sequence) and, with several GPUs, the DeepSpeed ZeRO stage
 (on one GPU, ZeRO-3 with CPU offload as the last resort when nothing else fits),
 never touching what the user pinned, and explains each choice in a line. Predictions come from the calibrated memory model
@@ -259,6 +259,14 @@ def _offload_line(best, pinned, without: int, top: int, shape, dtype, lengths, g
     )
 
 
+def _pays(best: Candidate, without: Candidate | None, words: str = "without it") -> str:
+    """Why a choice that costs speed like for like was kept: the fastest plan at this length
+    without it is slower, or there is none."""
+    if without is None:
+        return f"{words} nothing fits at this length"
+    return f"so a faster plan fits ({best.tokens_per_s:,.0f} tokens/s; {without.tokens_per_s:,.0f} {words})"
+
+
 def _zero_words(c: RunConfig) -> str:
     ds = c.deepspeed
     if not ds.stage:
@@ -320,11 +328,7 @@ def _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, wor
         lines.append(f"train.optimizer {c.train.optimizer}: pinned")
     elif c.train.optimizer != "adamw_torch":
         torch_adam = fastest(lambda x: x.train.optimizer == "adamw_torch")
-        lines.append(
-            f"train.optimizer {c.train.optimizer}: 8-bit optimizer states, "
-            + (f"so a faster plan fits ({best.tokens_per_s:,.0f} tokens/s; {torch_adam.tokens_per_s:,.0f} with adamw_torch)"
-               if torch_adam else "without which nothing fits at this length")
-        )
+        lines.append(f"train.optimizer {c.train.optimizer}: 8-bit optimizer states, " + _pays(best, torch_adam, "with adamw_torch"))
     else:
         lines.append("train.optimizer adamw_torch")
     if "kernels.fused_loss" in pinned:
@@ -332,11 +336,7 @@ def _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, wor
     elif any(x.config.kernels.fused_loss for x in feasible):
         plain = fastest(lambda x: not x.kernels.fused_loss)
         if c.kernels.fused_loss:
-            lines.append(
-                "kernels.fused_loss true: no full-vocabulary logits, "
-                + (f"so a faster plan fits ({best.tokens_per_s:,.0f} tokens/s; {plain.tokens_per_s:,.0f} without it)"
-                   if plain else "without it nothing fits at this length")
-            )
+            lines.append("kernels.fused_loss true: no full-vocabulary logits, " + _pays(best, plain))
         else:
             lines.append("kernels.fused_loss false: it would fit nothing faster here")
     if "train.offload_embeddings" in pinned:
@@ -344,22 +344,14 @@ def _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, wor
     elif any(x.config.train.offload_embeddings for x in feasible):
         if c.train.offload_embeddings:
             plain = fastest(lambda x: not x.train.offload_embeddings)
-            lines.append(
-                "train.offload_embeddings true: the input embedding table in host RAM frees its GPU memory, "
-                + (f"so a faster plan fits ({best.tokens_per_s:,.0f} tokens/s; {plain.tokens_per_s:,.0f} without it)"
-                   if plain else "without which nothing fits at this length")
-            )
+            lines.append("train.offload_embeddings true: the input embedding table in host RAM frees its GPU memory, " + _pays(best, plain))
         else:
             lines.append("train.offload_embeddings false: freeing the embedding table would fit nothing faster here")
     if "kernels.tiled_mlp" in pinned:
         lines.append(f"kernels.tiled_mlp {str(c.kernels.tiled_mlp).lower()}: pinned")
     elif c.kernels.tiled_mlp:
         plain = fastest(lambda x: not x.kernels.tiled_mlp)
-        lines.append(
-            "kernels.tiled_mlp true: the MLP runs over chunks of the sequence, so its intermediates are never whole; "
-            + (f"a faster plan fits ({best.tokens_per_s:,.0f} tokens/s; {plain.tokens_per_s:,.0f} without it)" if plain
-               else "without it nothing fits at this length")
-        )
+        lines.append("kernels.tiled_mlp true: the MLP runs over chunks of the sequence, so its intermediates are never whole; " + _pays(best, plain))
     ds = c.deepspeed
     if any(k.startswith("deepspeed.") for k in pinned):
         lines.append(f"deepspeed.stage {ds.stage}: pinned")
