@@ -444,9 +444,20 @@ def estimate(
         knee = LOSS_SLACK_KNEE_GIB * GIB
         loss_slack = fp32_logits if fp32_logits <= knee else knee + LOSS_SLACK_ABOVE * (fp32_logits - knee)
 
+    if cfg.method == "qlora" and cfg.quant.upcast_embeddings and b == 2:
+        # PEFT's fp32 upcast leaves the output head in fp32. Under bf16/fp16 autocast its
+        # matmul runs on a 16-bit copy of the weight, which autograd keeps (for the hidden
+        # states' gradient) until the backward reaches the head: one more head, 16-bit, at the
+        # loss (checked on CPU in tests/test_memory.py). shared/gpu/README.md's plain-HF runs
+        # of the 8 GB seed measured 3.08 GiB more with the upcast than without (10.48 against
+        # 7.40 GiB); the fp32 tables and this copy come to 3.05.
+        logits += (shape.head_params or shape.embed_params) * b
     base = weights + adapters + optimizer
+    # With accumulation, every micro-batch after the first reaches its loss with the
+    # gradients of the ones before it still held (they are zeroed only after the step).
+    accumulated = gradients if cfg.train.grad_accum > 1 else 0.0
     phases = {
-        "loss": (base + saved + logits, {"activations": saved, "logits": logits}),
+        "loss": (base + accumulated + saved + logits, {"gradients": accumulated, "activations": saved, "logits": logits}),
         "backward": (base + gradients + in_backward, {"gradients": gradients, "activations": in_backward}),
         "optimizer step": (base + gradients + opt_temp, {"gradients": gradients, "optimizer": optimizer + opt_temp}),
     }
