@@ -681,7 +681,22 @@ def append_jsonl(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec, default=str) + "\n")
 
 
-def execute(rows: list[Row], results: Path, work: Path, meta: dict, r: BenchRunner) -> int:
+def archive(results: Path, dest: Path | None) -> None:
+    """RESULTS as one .tar.gz at ``dest`` (nothing without one), replaced whole: rewritten
+    after every run, so a command cut off at a time limit (a rented or shared GPU machine)
+    still leaves every finished run's results in one file."""
+    if dest is None:
+        return
+    import tarfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(results, arcname=results.name)
+    os.replace(tmp, dest)
+
+
+def execute(rows: list[Row], results: Path, work: Path, meta: dict, r: BenchRunner, bundle: Path | None = None) -> int:
     failures = 0
     done: dict[tuple[str, str], dict] = {}
     for row in rows:
@@ -707,6 +722,7 @@ def execute(rows: list[Row], results: Path, work: Path, meta: dict, r: BenchRunn
         append_jsonl(results / ("speed.jsonl" if row.kind == "speed" else "max-context.jsonl"), rec)
         keep_run_files(out, results)
         shutil.rmtree(out, ignore_errors=True)  # adapters of r128: a few GB each
+        archive(results, bundle)
         failures += rec["status"] == "failed"
     return failures
 
@@ -894,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak", choices=["measured", "table"], default="measured", help="MFU against a measured or the data-sheet peak")
     ap.add_argument("--work", type=Path, default=Path("/tmp/vramfit-bench"))
     ap.add_argument("--results", type=Path, default=None, help="raw JSON lines, the run files and the CSVs go here")
+    ap.add_argument("--archive", type=Path, default=None,
+                    help="also keep RESULTS as this .tar.gz, rewritten after every run (survives a cut-off command)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, predictions and time estimates; run nothing")
     ap.add_argument("--gpu-name", default="NVIDIA H200", help="--dry-run: the GPU the plans are made for")
     ap.add_argument("--mapping", action="store_true", help="print each seed setting and its vramfit flag (markdown)")
@@ -943,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
         print("building a model failed: see benchmark.log", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    failures = execute(rows, a.results, a.work, meta, r)
+    failures = execute(rows, a.results, a.work, meta, r, a.archive)
     n_speed, n_ctx = write_tables([a.results], a.results)
     print(f"done in {time.perf_counter() - t0:.0f} s: {n_speed} speed rows, {n_ctx} max-context rows in {a.results}", flush=True)
     return 1 if failures else 0

@@ -288,3 +288,21 @@ def test_docs_table_is_the_scripts_mapping():
     assert bs.mapping_markdown().strip() in text  # regenerate with --mapping when SEEDS change
     # Its results say where they came from: the raw results beside the CSVs.
     assert "docs/benchmarks/speed/" in text
+
+
+def test_archive_holds_every_finished_run_and_is_replaced_whole(tmp_path):
+    import tarfile
+
+    results = tmp_path / "bench"
+    (results / "runs" / "run-a").mkdir(parents=True)
+    (results / "speed.jsonl").write_text('{"config": "a"}\n')
+    (results / "runs" / "run-a" / "metrics.json").write_text("{}")
+    dest = tmp_path / "out" / "bench.tgz"
+    bs.archive(results, dest)
+    (results / "speed.jsonl").write_text('{"config": "a"}\n{"config": "b"}\n')  # a second run finished
+    bs.archive(results, dest)
+    with tarfile.open(dest) as tar:
+        assert {"bench/speed.jsonl", "bench/runs/run-a/metrics.json"} <= set(tar.getnames())
+        assert tar.extractfile("bench/speed.jsonl").read().count(b"\n") == 2
+    assert not dest.with_name("bench.tgz.tmp").exists()
+    bs.archive(results, None)  # no --archive: nothing written
