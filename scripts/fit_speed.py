@@ -4,7 +4,7 @@
 Rows (each one run of `vramfit train` on an H200, its steady tokens/s: metrics.json's
 ``steady_tokens_per_s``, all GPUs together):
 
-- docs/benchmarks/speed/speed-8gb-qlora.jsonl (benchmark_speed.py): records whose status
+- docs/benchmarks/speed/1-8gb-qlora-before-savers/speed.jsonl (benchmark_speed.py): records whose status
   starts with "ok"; the config is the run's plan_config;
 - docs/benchmarks/autofit/autofit.jsonl (prove_autofit.py): the config as
   collect_autofit.py rebuilds it, with the proof dataset's real length statistics
@@ -286,7 +286,7 @@ def calibration_rows(path: Path) -> list[Row]:
 
 
 def gather() -> list[Row]:
-    rows = speed_rows(BENCH / "speed/speed-8gb-qlora.jsonl")
+    rows = speed_rows(BENCH / "speed/1-8gb-qlora-before-savers/speed.jsonl")
     rows += autofit_rows(BENCH / "autofit/autofit.jsonl")
     rows += fused_rows(BENCH / "fused/fused_loss.jsonl")
     for f in sorted((BENCH / "distributed").glob("*.jsonl")):

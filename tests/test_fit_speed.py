@@ -51,3 +51,10 @@ def test_rows_time_per_micro_batch_is_per_gpu():
     cfg = fit_speed.config_from_command("vramfit train --preset multi-gpu --gpus 2 --set data.seq_len=1024")
     row = fit_speed.Row("x", "qwen2.5-7b", cfg, None, measured=4000.0, gpu="NVIDIA H200")
     assert row.measured_seconds() == pytest.approx(1 * 1024 * 2 / 4000.0)
+
+
+def test_gathers_every_recorded_run_it_was_fitted_on():
+    """speed.py's constants say which runs they were fitted to: gather() must still find them
+    where the repo keeps them (a moved results file once broke it unnoticed)."""
+    rows = fit_speed.gather()
+    assert len(rows) == 117 and sum(1 for r in rows if not r.excluded) == 57
