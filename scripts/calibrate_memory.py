@@ -94,6 +94,35 @@ def config_for(row: dict):
     return resolve([("24gb", load_preset("24gb").values), ("--set", parse_set(sets))]).config
 
 
+def config_from_command(command: str):
+    """The RunConfig a recorded `vramfit train` command line planned: its preset, --gpus,
+    --budget and --set flags, layered as the CLI layers them. Only for commands with a
+    fixed preset (``--preset auto`` chose its plan from the hardware)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from vramfit.presets import load_preset, parse_set, resolve
+
+    argv = shlex.split(command)
+    preset, sets, flags = None, [], {}
+    for i, a in enumerate(argv):
+        if a == "--preset":
+            preset = argv[i + 1]
+        elif a == "--set":
+            sets.append(argv[i + 1])
+        elif a == "--gpus":
+            flags.setdefault("launch", {})["gpus"] = int(argv[i + 1])
+        elif a == "--budget":
+            flags["budget_gib"] = float(argv[i + 1])
+    if preset in (None, "auto"):
+        raise ValueError(f"no fixed preset in {command!r}")
+    return resolve([(preset, load_preset(preset).values), ("flag", flags), ("--set", parse_set(sets))]).config
+
+
+def model_of(command: str) -> str:
+    """The --model of a recorded command line."""
+    argv = shlex.split(command)
+    return argv[argv.index("--model") + 1]
+
+
 def predict(row: dict, model: Path):
     """The memory model's breakdown for a row, as `vramfit train` plans it (no dataset
     lengths: every example is longer than the sequence). ``model``: a model directory or

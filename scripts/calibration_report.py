@@ -26,11 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from calibrate_memory import config_for  # noqa: E402
+from calibrate_memory import config_for, config_from_command, model_of  # noqa: E402
 
 from vramfit.memory import estimate  # noqa: E402
 from vramfit.model_shape import load_shape  # noqa: E402
-from vramfit.presets import load_preset, parse_set  # noqa: E402
 
 FIELDS = (
     "arch,method,lora_r,targets,micro_batch,seq_len,grad_ckpt,optimizer,zero_stage,gpus,"
@@ -83,26 +82,6 @@ def rows(raw: Path) -> list[dict]:
     return out
 
 
-def _resolve_command(command: str):
-    """The RunConfig a `vramfit train` command line planned (preset, --gpus, --set)."""
-    import shlex
-
-    from vramfit.presets import resolve
-
-    argv = shlex.split(command)
-    preset, sets, flags = "24gb", [], {}
-    for i, a in enumerate(argv):
-        if a == "--preset":
-            preset = argv[i + 1]
-        elif a == "--set":
-            sets.append(argv[i + 1])
-        elif a == "--gpus":
-            flags.setdefault("launch", {})["gpus"] = int(argv[i + 1])
-        elif a == "--budget":
-            flags["budget_gib"] = float(argv[i + 1])
-    return resolve([(preset, load_preset(preset).values), ("flag", flags), ("--set", parse_set(sets))]).config
-
-
 def distributed_rows(raw: Path) -> list[dict]:
     """One row per multi-GPU training run that finished, its largest per-rank peak as measured."""
     out = []
@@ -115,8 +94,8 @@ def distributed_rows(raw: Path) -> list[dict]:
             m = run.get("metrics") or {}
             if not m.get("peak_process_gib"):
                 continue
-            cfg = _resolve_command(run["command"])
-            arch = Path(shlex_model(run["command"])).name
+            cfg = config_from_command(run["command"])
+            arch = Path(model_of(run["command"])).name
             shape = load_shape(str(ROOT / f"scripts/archs/{arch}.json"))
             b = estimate(shape, cfg, "bfloat16", "cuda")
             measured = m.get("max_rank_peak_process_gib") or m["peak_process_gib"]
@@ -140,13 +119,6 @@ def distributed_rows(raw: Path) -> list[dict]:
                 }
             )
     return out
-
-
-def shlex_model(command: str) -> str:
-    import shlex
-
-    argv = shlex.split(command)
-    return argv[argv.index("--model") + 1]
 
 
 def summary(table: list[dict]) -> dict:

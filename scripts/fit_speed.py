@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +60,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from calibrate_memory import config_from_command, model_of  # noqa: E402
 from vramfit import speed  # noqa: E402
 from vramfit.config import RunConfig  # noqa: E402
 from vramfit.model_shape import ModelShape, load_shape  # noqa: E402
-from vramfit.presets import load_preset, parse_set, resolve  # noqa: E402
 
 BENCH = ROOT / "docs/benchmarks"
 ZERO3 = ("zero3_16bit", "zero3_4bit", "zero3_offload")
@@ -154,27 +153,6 @@ class Row:
 # ------------------------------------------------------------------ gathering
 
 
-def config_from_command(command: str) -> RunConfig:
-    """The RunConfig a `vramfit train` command resolves to: its preset, --gpus, --set flags
-    (the same layers as the CLI; --budget does not change the speed)."""
-    argv = shlex.split(command)
-    preset, gpus, sets = None, None, []
-    for i, a in enumerate(argv):
-        if a == "--preset":
-            preset = argv[i + 1]
-        elif a == "--gpus":
-            gpus = int(argv[i + 1])
-        elif a == "--set":
-            sets.append(argv[i + 1])
-    if preset in (None, "auto"):
-        raise ValueError(f"no fixed preset in {command!r}")
-    layers = [(f"preset:{preset}", load_preset(preset).values)]
-    if gpus is not None:
-        layers.append(("--gpus", {"launch": {"gpus": gpus}}))
-    layers.append(("--set", parse_set(sets)))
-    return resolve(layers).config
-
-
 def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
@@ -247,11 +225,6 @@ def fused_rows(path: Path) -> list[Row]:
     return [x for i, r in enumerate(_lines(path)) if (x := command_row(f"{path.name}:{i}", r["arch"], r, r["gpu"]))]
 
 
-def _arch_of(command: str) -> str:
-    model = shlex.split(command)[shlex.split(command).index("--model") + 1]
-    return Path(model).name
-
-
 def distributed_rows(path: Path) -> list[Row]:
     """distributed.jsonl nests each run under a key of its case (1gpu, 2gpu_zero2, train);
     scaling.jsonl has one run a line."""
@@ -266,7 +239,7 @@ def distributed_rows(path: Path) -> list[Row]:
             gpus = r.get("gpus") or []
             gpu = gpus[0] if gpus else (rec.get("metrics") or {}).get("device", "")
             name = r.get("name") or f"{r.get('case')}{'/' + k if k else ''}"
-            if (x := command_row(f"{path.name}:{i}:{name}", _arch_of(rec["command"]), rec, gpu)):
+            if (x := command_row(f"{path.name}:{i}:{name}", Path(model_of(rec["command"])).name, rec, gpu)):
                 out.append(x)
     return out
 
