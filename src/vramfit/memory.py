@@ -292,14 +292,19 @@ def offloaded_activation_host_bytes(
     return per_gpu * cfg.launch.gpus
 
 
+def _fp32_tables(cfg: RunConfig) -> bool:
+    """Whether the embeddings, head and norms are fp32: PEFT's prepare_model_for_kbit_training,
+    which QLoRA runs with quant.upcast_embeddings."""
+    return cfg.method == "qlora" and cfg.quant.upcast_embeddings
+
+
 def host_embedding_bytes(shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16") -> float:
     """Bytes of the input embedding table that train.offload_embeddings keeps in host RAM
     instead of on the GPU (0 without it). In the dtype the weights load in, or fp32 where
     QLoRA upcasts the embeddings."""
     if not cfg.train.offload_embeddings:
         return 0.0
-    upcast = cfg.method == "qlora" and cfg.quant.upcast_embeddings
-    return shape.embed_params * (4 if upcast else _dtype_bytes(dtype))
+    return shape.embed_params * (4 if _fp32_tables(cfg) else _dtype_bytes(dtype))
 
 
 def _optimizer_bytes(shape: ModelShape, cfg: RunConfig, n_train: int, state_bytes: int) -> tuple[float, float]:
@@ -362,8 +367,7 @@ def estimate(
     other = shape.embed_params + shape.head_params + shape.norm_params
 
     if cfg.method == "qlora":
-        emb_bytes = 4 if cfg.quant.upcast_embeddings else b
-        weights = shape.linear_params * _quant_bytes(cfg) + other * emb_bytes
+        weights = shape.linear_params * _quant_bytes(cfg) + other * (4 if _fp32_tables(cfg) else b)
     else:
         weights = shape.total_params * b
     if device == "cuda":
@@ -444,7 +448,7 @@ def estimate(
         knee = LOSS_SLACK_KNEE_GIB * GIB
         loss_slack = fp32_logits if fp32_logits <= knee else knee + LOSS_SLACK_ABOVE * (fp32_logits - knee)
 
-    if cfg.method == "qlora" and cfg.quant.upcast_embeddings and b == 2:
+    if _fp32_tables(cfg) and b == 2:
         # PEFT's fp32 upcast leaves the output head in fp32. Under bf16/fp16 autocast its
         # matmul runs on a 16-bit copy of the weight, which autograd keeps (for the hidden
         # states' gradient) until the backward reaches the head: one more head, 16-bit, at the
