@@ -423,25 +423,18 @@ def test_single_process_launch_sees_one_gpu(tmp_path):
     assert "CUDA_VISIBLE_DEVICES" not in multi
 
 
-def test_preset_auto_plans_for_every_detected_gpu_unless_told(work, monkeypatch):
+@pytest.mark.parametrize(
+    "preset, detected, told, expected",
+    [("auto", 2, 1, ("| 2 GPUs", "| 1 GPU ")), ("multi-gpu", 4, 2, ("| 4 GPUs", "| 2 GPUs"))],
+)
+def test_preset_plans_for_every_detected_gpu_unless_told(work, monkeypatch, preset, detected, told, expected):
+    """--preset auto and the multi-gpu preset take the detected GPU count; --gpus wins."""
     import vramfit.hardware as hw
 
-    monkeypatch.setattr(hw, "detect", lambda nvml=None: fake_facts(80, count=2))
-    r = invoke("plan", "--preset", "auto", "--out", "run")
+    monkeypatch.setattr(hw, "detect", lambda nvml=None: fake_facts(80, count=detected))
+    r = invoke("plan", "--preset", preset, "--out", "run")
     assert r.exit_code == 0, r.output
-    assert "| 2 GPUs" in r.output
-    r = invoke("plan", "--preset", "auto", "--gpus", "1", "--out", "run1")
+    assert expected[0] in r.output
+    r = invoke("plan", "--preset", preset, "--gpus", str(told), "--out", "run-told")
     assert r.exit_code == 0, r.output
-    assert "| 1 GPU " in r.output
-
-
-def test_multi_gpu_preset_fills_in_the_detected_gpu_count_unless_told(work, monkeypatch):
-    import vramfit.hardware as hw
-
-    monkeypatch.setattr(hw, "detect", lambda nvml=None: fake_facts(80, count=4))
-    r = invoke("plan", "--preset", "multi-gpu", "--out", "run")
-    assert r.exit_code == 0, r.output
-    assert "| 4 GPUs" in r.output
-    r = invoke("plan", "--preset", "multi-gpu", "--gpus", "2", "--out", "run2")
-    assert r.exit_code == 0, r.output
-    assert "| 2 GPUs" in r.output
+    assert expected[1] in r.output
