@@ -13,6 +13,7 @@ from vramfit.hardware import fake_facts
 from vramfit.memory import (
     FUSED_RESIDUAL_PER_SEQ2,
     FUSED_RESIDUAL_PER_TOKEN,
+    FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE,
     CUDA_CONTEXT_GIB,
     GIB,
     NCCL_GIB,
@@ -466,7 +467,7 @@ def test_known_answer_breakdown_offloaded_activations():
     layer = layer_activation_bytes(Q7, readme_qlora(8192, True), 2)
     assert b.phase == "backward"
     # The residual the fused loss's runs measured counts either way (memory.py).
-    residual = FUSED_RESIDUAL_PER_TOKEN * 8192 + FUSED_RESIDUAL_PER_SEQ2 * 8192**2
+    residual = 8192 * (FUSED_RESIDUAL_PER_TOKEN + FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE * Q7.intermediate) + FUSED_RESIDUAL_PER_SEQ2 * 8192**2
     assert b.activations == layer + 2 * block_input + residual
     plain = estimate(Q7, readme_qlora(8192, False))
     assert plain.activations == Q7.layers * block_input + layer + residual
@@ -478,14 +479,15 @@ def test_known_answer_breakdown_offloaded_activations():
 
 
 def test_offloaded_activations_against_the_readme_runs():
-    """Not calibration data (the README's runs also had liger's norm, SwiGLU and rope kernels,
-    and save_on_cpu around the whole forward), but the same shape: seq 8192 OOMed under the
-    7.5 GiB cap and trained with activations saved on CPU at 7.00 GiB allocated, 7.91 process;
-    seq 16384 OOMed again."""
+    """The README's runs (shared/gpu/README.md) are not calibration data: they also had liger's
+    norm, SwiGLU and rope kernels, which save less than transformers' own, and save_on_cpu
+    around the whole forward. Seq 8192 OOMed under the 7.5 GiB cap and trained with
+    activations saved on CPU at 7.91 GiB for the process; seq 16384 OOMed again. vramfit's
+    own stack on the same shape measured 8.80 GiB (docs/benchmarks/savers/runs/run-qwen-8k-offload)."""
     assert estimate(Q7, readme_qlora(8192, False)).peak_gib > 7.5
     b = estimate(Q7, readme_qlora(8192, True))
-    assert allocated_gib(b) == pytest.approx(7.00, rel=0.05)
-    assert b.peak_gib == pytest.approx(7.91, rel=0.05)
+    assert b.peak_gib > 7.91
+    assert b.peak_gib == pytest.approx(8.80, rel=0.05)
     assert estimate(Q7, readme_qlora(16384, True)).peak_gib > 7.5
 
 

@@ -110,6 +110,14 @@ def test_weights_pass_through_and_inputs_are_copied():
     install(trained, hooks)
     trained(x).sum().backward()
     assert hooks.reset() == (1, 4 * 8 * 4)  # now x is saved too, for the weight's gradient: copied
+    assert hooks.last_pinned_bytes == 4 * 8 * 4  # unpinned (CPU): no power-of-two blocks
+
+
+def test_pinned_blocks_round_up_to_a_power_of_two():
+    # torch's CachingHostAllocator: what metrics.json's pinned_gib and the host-RAM bound count.
+    from vramfit.memory import pinned_block_bytes
+
+    assert [pinned_block_bytes(n) for n in (1, 2, 3, 4096, 4097, 56 * 2**20)] == [1, 2, 4, 4096, 8192, 64 * 2**20]
 
 
 def test_hooks_apply_only_inside_layers_and_only_while_recording():

@@ -41,17 +41,25 @@ CUDA_CONTEXT_GIB = 0.75
 # The fused loss's chunk of logits and its gradient, computed in place: copies of one
 # chunk (chunk x vocab, 16-bit) alive at once. Not yet measured on a GPU.
 FUSED_CHUNK_COPIES = 2
-# With the fused loss the peak moves from the loss to the backward, where 12 runs on an
-# H200 (docs/benchmarks/calibration/fused.jsonl: 0.5B-8B, seq 256-16384) held more than
-# the terms above explain: 0.06-1.8 GiB, growing with the tokens of a micro-batch and
-# faster with its sequence length. Not yet explained term by term (the gradient of the
-# hidden states liger computes in the forward and keeps, the backward's own gradient
-# buffers, the sdpa backward's workspace at long sequences); this empirical residual,
-# fitted by non-negative least squares to those runs (scripts/fit_fused_residual.py), keeps
-# plans from under-predicting them. Bytes per token of the micro-batch, and per
-# micro_batch x seq_len^2.
-FUSED_RESIDUAL_PER_TOKEN = 40_950
-FUSED_RESIDUAL_PER_SEQ2 = 2.73
+# With the fused loss the peak moves from the loss to the backward, where the H200 runs
+# needed more than the terms above explain: up to 3.2 GiB, growing with the tokens of a
+# micro-batch, the MLP's width and the sequence length. Not yet explained term by term (the
+# backward's gradient buffers of the MLP's intermediates, the gradient of the hidden states
+# liger computes in the forward and keeps, the sdpa backward's workspace, and at long
+# sequences up to 1.4 GiB the allocator reserves beyond what is allocated); this empirical
+# residual keeps plans from under-predicting them. Fitted by scripts/fit_fused_residual.py
+# (non-negative least squares on the process peak's error relative to each run's peak,
+# under-predictions weighted twice) to 23 runs: the 12 of docs/benchmarks/calibration/
+# fused.jsonl (0.5B-8B, seq 256-16384) and the benchmarks' runs with the fused loss
+# (micro-batch up to 16, seq up to 26k, the tiled MLP, checkpointed inputs in host RAM;
+# docs/benchmarks/speed/, savers/). Over those: worst 2.9% under, 9.5% over, median 1.9%.
+# Bytes per token of the micro-batch, per token and unit of intermediate_size, and per
+# micro_batch x seq_len^2. (Until session 6: per token and per seq^2 only, fitted to the 12
+# on allocated bytes; the 7B's micro-batch 16 at 512 tokens then measured 7.61 GiB against
+# 7.04 predicted.)
+FUSED_RESIDUAL_PER_TOKEN = 44_228
+FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE = 2.956
+FUSED_RESIDUAL_PER_SEQ2 = 1.035
 # ZeRO-3's stage3_max_live_parameters in configs/deepspeed/zero3*.json.
 ZERO3_MAX_LIVE_ELEMENTS = 1e9
 # With several ranks, NCCL's buffers and communicators also live outside the
@@ -87,18 +95,22 @@ ACT_CORE = 0.85
 ACT_LORA_DROPOUT = 1.41
 
 # train.offload_activations without grad_ckpt copies each saved tensor once per op that
-# saves it, and several ops save the same one (q/k/v's LoRA A all save the normed input):
-# on CPU (tests/test_offload.py) the host copies came to 1.2-2.05x the GPU figure above.
-# Pinned host memory then rounds every copy up to a power of two (torch's
-# CachingHostAllocator): 1.44x over sizes on average, 2x at worst. 2.1 x 1.5: a guess in
-# the upper range, not measured on a GPU. (With grad_ckpt the copies are the layers'
-# inputs, one per layer, and are counted exactly.)
-OFFLOAD_SAVED_COPIES = 2.1
+# saves it, and several ops save copies of the same input (each LoRA A its own cast or
+# dropped-out copy; offload.py copies one tensor saved by several ops only once, since
+# session 6). On CPU (tests/test_offload.py, a Qwen2.5-7B-proportioned model) the host
+# copies came to 1.05x the GPU figure above for r8 q/v adapters and up to 1.91x for
+# all-linear without dropout; on an H200 four runs (before that dedup) measured 0.84-1.21x
+# (metrics.json's offloaded_activations against this model's saved bytes:
+# docs/benchmarks/speed/2-max-context/ and 5-8gb-offload-and-ctx/, Qwen2.5-7B r8 q/v at
+# 14,208 and 16,128 tokens, Llama-3.1-8B r32 all-linear at 3,456 and 6,144). Host RAM takes
+# 2.0, above every measurement: an overfull host fails a run too. Pinned host memory then
+# rounds every copy up to a power of two (torch's CachingHostAllocator): 1.44x over sizes
+# on average, 2x at worst; metrics.json's pinned_gib records it from session 6 on. (With
+# grad_ckpt the copies are the layers' inputs, one per layer, and are counted exactly.)
+OFFLOAD_SAVED_COPIES = 2.0
 OFFLOAD_PINNED_ROUNDING = 1.5
-# On an H200 the copies measured 1.13x and 1.15x the GPU figure (two runs without
-# checkpointing in docs/benchmarks/speed/2-max-context/: Qwen2.5-7B r8 q/v at 14,208 tokens,
-# Llama-3.1-8B r32 all-linear at 3,456). The PCIe time (speed.py) uses this measurement;
-# host RAM keeps the CPU's upper range above, since an overfull host fails a run too.
+# The copies resident on the GPU in flight (and crossing PCIe, speed.py): 1.13x and 1.15x
+# the GPU figure in the two runs of docs/benchmarks/speed/2-max-context/.
 OFFLOAD_SAVED_COPIES_GPU = 1.15
 
 # Eager attention (model.attn_implementation=eager; gemma2's default, having no sdpa)
@@ -206,6 +218,16 @@ def eager_mask_bytes(cfg: RunConfig, dtype_bytes: int, seq: int) -> float:
 MLP_LINEARS = frozenset({"gate_proj", "up_proj", "down_proj", "gate_up_proj"})
 
 
+def fused_residual_bytes(shape: ModelShape, micro_batch: int, seq: int) -> float:
+    """The fused loss's empirical residual (FUSED_RESIDUAL_*) for one micro-batch."""
+    tokens = micro_batch * seq
+    return (
+        FUSED_RESIDUAL_PER_TOKEN * tokens
+        + FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE * tokens * shape.intermediate
+        + FUSED_RESIDUAL_PER_SEQ2 * micro_batch * seq * seq
+    )
+
+
 def mlp_shards(hidden: int, seq: int) -> int:
     """Chunks of the sequence kernels.tiled_mlp computes the MLP in: about ``hidden`` tokens
     each, as DeepSpeed's TiledMLP example chooses (a chunk's intermediates then weigh about
@@ -230,7 +252,7 @@ def layer_activation_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, 
     return cfg.train.micro_batch * seq * dtype_bytes * units + eager_attention_bytes(shape, cfg, dtype_bytes, seq)
 
 
-def _pinned(nbytes: float) -> float:
+def pinned_block_bytes(nbytes: float) -> float:
     """Host bytes a pinned copy takes: the CachingHostAllocator rounds to a power of two."""
     return float(1 << math.ceil(math.log2(nbytes))) if nbytes >= 1 else 0.0
 
@@ -286,7 +308,7 @@ def offloaded_activation_host_bytes(
         return 0.0
     block_input, _ = _activation_sizes(shape, cfg, _dtype_bytes(dtype), longest)
     if cfg.train.grad_ckpt:
-        per_gpu = shape.layers * _pinned(block_input)
+        per_gpu = shape.layers * pinned_block_bytes(block_input)
     else:
         per_gpu = offloaded_activation_transfer_bytes(shape, cfg, dtype, longest) * OFFLOAD_PINNED_ROUNDING
     return per_gpu * cfg.launch.gpus
@@ -431,7 +453,7 @@ def estimate(
         # each layer on the GPU as the runs above do, and its four H200 runs
         # (docs/benchmarks/savers/, Qwen2.5-7B 8k-16k, Llama-3.1-8B 21k-22k) needed 0.2 GiB
         # less to 0.6 GiB more than the residual gives (-6.1% to +3.1% in all).
-        residual = FUSED_RESIDUAL_PER_TOKEN * tokens + FUSED_RESIDUAL_PER_SEQ2 * cfg.train.micro_batch * seq * seq
+        residual = fused_residual_bytes(shape, cfg.train.micro_batch, seq)
         if cfg.train.offload_activations and not ckpt and device == "cuda":
             # Without checkpointing, with every saved tensor in host RAM, the two H200 runs
             # (docs/benchmarks/speed/2-max-context/: Qwen2.5-7B at 14,208 tokens, Llama-3.1-8B

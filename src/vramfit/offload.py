@@ -35,8 +35,28 @@ them would cost PCIe time for no memory.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
+
+from .memory import pinned_block_bytes
+
+
+class _OnHost:
+    """One saved tensor's host copy. Every op that saved it unpacks the same GPU copy, made
+    at the first unpack and freed when the last of them has run its backward."""
+
+    __slots__ = ("device", "host", "non_blocking", "gpu")
+
+    def __init__(self, device: torch.device, host: torch.Tensor, non_blocking: bool) -> None:
+        self.device, self.host, self.non_blocking = device, host, non_blocking
+        self.gpu: torch.Tensor | None = None
+
+    def back(self) -> torch.Tensor:
+        if self.gpu is None:
+            self.gpu = self.host.to(self.device, non_blocking=self.non_blocking)
+        return self.gpu
 
 
 class HostActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -46,6 +66,17 @@ class HostActivations(torch.autograd.graph.saved_tensors_hooks):
         self.pin_memory = pin_memory
         self.tensors = 0
         self.bytes = 0
+        # What the pinned copies take: torch's CachingHostAllocator hands out blocks of a
+        # power of two bytes (memory.OFFLOAD_PINNED_ROUNDING is its average over sizes).
+        self.pinned_bytes = 0
+        self.last_pinned_bytes = 0
+
+        # Tensors already copied in this layer's forward, by id (with a weak reference, so a
+        # freed tensor whose id is reused never matches): without checkpointing several ops
+        # save the same tensor (q, k and v's LoRA A all save the normed input when dropout is
+        # off), and each save would otherwise be its own host copy and, in the backward, its
+        # own GPU copy. Cleared when the layer's call ends (__exit__).
+        self._copied: dict[int, tuple[weakref.ref, _OnHost]] = {}
 
         def pack(t: torch.Tensor):
             # A parameter, or a view of one (``F.linear`` saves ``weight.t()``). By identity,
@@ -53,6 +84,9 @@ class HostActivations(torch.autograd.graph.saved_tensors_hooks):
             # flattens them, ZeRO-3 gathers them anew for every use).
             if t.is_sparse or isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
                 return t  # a leaf or a view of one: holding it makes no reference cycle
+            seen = self._copied.get(id(t))
+            if seen is not None and seen[0]() is t:
+                return seen[1]
             # With pin_memory the device-to-host copy is queued on the compute stream and
             # the GPU tensor can be freed as soon as nothing else holds it: the kernels
             # that reuse its memory run after the copy, in stream order.
@@ -60,21 +94,28 @@ class HostActivations(torch.autograd.graph.saved_tensors_hooks):
                 host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=self.pin_memory)
                 host.copy_(t, non_blocking=self.pin_memory)
             self.tensors += 1
-            self.bytes += t.numel() * t.element_size()
-            return (t.device, host)
+            nbytes = t.numel() * t.element_size()
+            self.bytes += nbytes
+            self.pinned_bytes += int(pinned_block_bytes(nbytes)) if self.pin_memory else nbytes
+            packed = _OnHost(t.device, host, self.pin_memory)
+            self._copied[id(t)] = (weakref.ref(t), packed)
+            return packed
 
         def unpack(packed):
-            if isinstance(packed, torch.Tensor):
-                return packed
-            device, host = packed
-            return host.to(device, non_blocking=self.pin_memory)
+            return packed if isinstance(packed, torch.Tensor) else packed.back()
 
         super().__init__(pack, unpack)
 
+    def __exit__(self, *exc) -> None:
+        self._copied.clear()
+        super().__exit__(*exc)
+
     def reset(self) -> tuple[int, int]:
-        """(tensors, bytes) moved since the last reset; start counting again."""
+        """(tensors, bytes) moved since the last reset; start counting again. The pinned
+        blocks they took are then in ``last_pinned_bytes``."""
         moved = (self.tensors, self.bytes)
-        self.tensors = self.bytes = 0
+        self.last_pinned_bytes = self.pinned_bytes
+        self.tensors = self.bytes = self.pinned_bytes = 0
         return moved
 
 

@@ -124,7 +124,7 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
     # train.offload_activations: the hooks (offload.HostActivations), and the most that one
     # micro-batch moved to host RAM: (bytes, tensors, padded tokens of that micro-batch).
     host_activations = None
-    offloaded_peak = (0, 0, 0)
+    offloaded_peak = (0, 0, 0, 0)
 
     def _get_train_sampler(self, train_dataset=None):
         # `vramfit train --probe` meets the peak in its few steps: longest examples first, in order.
@@ -148,7 +148,8 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
         if self.host_activations is not None:
             tensors, moved = self.host_activations.reset()
             if moved > self.offloaded_peak[0]:
-                self.offloaded_peak = (moved, tensors, int(inputs["input_ids"].numel()))
+                pinned = self.host_activations.last_pinned_bytes
+                self.offloaded_peak = (moved, tensors, int(inputs["input_ids"].numel()), pinned)
         return loss
 
     def compute_loss(self, model, inputs, *args, **kwargs):
@@ -605,9 +606,11 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         **memory,
     }
     if trainer.host_activations is not None:
-        moved, tensors, tokens = trainer.offloaded_peak
-        # The micro-batch that moved the most: memory.offloaded_activation_transfer_bytes predicts it.
-        metrics["offloaded_activations"] = {"bytes": moved, "gib": round(moved / GIB, 4), "tensors": tensors, "tokens": tokens}
+        moved, tensors, tokens, pinned = trainer.offloaded_peak
+        # The micro-batch that moved the most: memory.offloaded_activation_transfer_bytes predicts
+        # it, and offloaded_activation_host_bytes the pinned blocks it took (pinned_gib).
+        metrics["offloaded_activations"] = {"bytes": moved, "gib": round(moved / GIB, 4), "tensors": tensors,
+                                            "tokens": tokens, "pinned_gib": round(pinned / GIB, 4)}  # fmt: skip
     if per_rank:
         # Each GPU's own peak: ranks differ (rank 0 also gathers for saves), and a card
         # OOMs on its own figure, so the largest is the one to compare with the plan.
