@@ -38,13 +38,17 @@ def label(r: dict) -> str:
 
 
 def plot_max_context(rows: list[dict], out: Path, plt) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    # The latest run of each case (later result dirs re-ran some with a refitted model).
+    latest = {r["group"]: r for r in rows}
+    rows = sorted(latest.values(), key=lambda r: (r["arch"], r["budget_gib"], r["group"]))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     xs = range(len(rows))
     ours = [r.get("predicted_max_seq") or 0 for r in rows]  # the length each row trained at
     ax.bar([x - 0.2 for x in xs], ours, 0.4, label="vramfit --preset auto (trained under the cap)")
     pub = [r.get("published_max_seq") or 0 for r in rows]
     ax.bar([x + 0.2 for x in xs], pub, 0.4, label="published (Unsloth)", color="grey")
-    ax.set_xticks(list(xs), [f"{r['arch']}\n{r['budget_gib']:g} GiB" for r in rows], fontsize=8)
+    names = [f"{r['arch']}, {r['budget_gib']:g} GiB" + (", dropout 0" if r["group"].endswith("dropout0") else "") for r in rows]
+    ax.set_xticks(list(xs), names, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("longest sequence (tokens)")
     ax.set_title("Longest trainable sequence, micro-batch 1, H200 under a memory cap", fontsize=9)
     ax.legend(fontsize=8)
