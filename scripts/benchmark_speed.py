@@ -489,7 +489,7 @@ class Row:
 
 
 def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ram: int | None, fused: bool = True,
-               uncapped_steps: int = UNCAPPED_STEPS) -> list[Row]:  # fmt: skip
+               uncapped_steps: int = UNCAPPED_STEPS, liger_ops: bool = False) -> list[Row]:  # fmt: skip
     from vramfit.memory import estimate
 
     model, data = str(work / seed.arch), str(work / "long.jsonl")
@@ -517,8 +517,9 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
     cond = "" if over else "seed-as-written does not train under the cap"
     rows.append(seed_row("seed-as-written-uncapped", {}, None, conditional=cond, note="what the config needs, measured without a cap"))
     rows.append(seed_row("seed-made-to-fit", seed.made_to_fit, seed.budget_gib, conditional=cond, note=seed.made_to_fit_why))
-    for config, extra in (("vramfit-auto", {}), ("vramfit-auto-fused", {"kernels.fused_loss": True})):
-        if extra and not fused:
+    for config, extra in (("vramfit-auto", {}), ("vramfit-auto-fused", {"kernels.fused_loss": True}),
+                          ("vramfit-auto-liger-ops", {"kernels.liger_ops": True})):  # fmt: skip
+        if (config == "vramfit-auto-fused" and not fused) or (config == "vramfit-auto-liger-ops" and not liger_ops):
             continue
         sets, split_by, cfg = auto_sets(seed, model, data, gpu_name, host_ram, extra)
         out = work / f"run-{seed.group}-{config}"
@@ -527,7 +528,11 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
         if cfg is None:
             cfg, _ = planner_choice(sets, model, data, seed.budget_gib, shape, gpu_name, host_ram)
         peak = estimate(shape, cfg, "bfloat16", "cuda").peak_gib
-        why = "planner's own plan" if not extra else "planner's plan with the fused loss pinned on (auto-fit turns it on itself only where it buys a faster plan)"
+        why = {
+            "vramfit-auto": "planner's own plan",
+            "vramfit-auto-fused": "planner's plan with the fused loss pinned on (auto-fit turns it on itself only where it buys a faster plan)",
+            "vramfit-auto-liger-ops": "planner's plan with liger's fused RMSNorm/SwiGLU/RoPE pinned on (opt-in: auto-fit never turns it on)",
+        }[config]
         rows.append(Row("speed", seed.group, config, seed.arch, seed.budget_gib, argv, True, peak,
                         run_seconds(seed.arch, cfg, steps, gpu_name), intended=cfg.model_dump(mode="json"),
                         note=f"{why}: {cfg.method}, micro-batch {cfg.train.micro_batch} x {cfg.train.grad_accum}, "
@@ -885,7 +890,7 @@ def plan_rows(a, gpu_name: str | None, host_ram: int | None) -> list[Row]:
     rows: list[Row] = []
     for g in a.only or GROUPS:
         if g in SEEDS:
-            rows += speed_rows(SEEDS[g], a.work, a.steps, gpu_name, host_ram, not a.no_fused, a.uncapped_steps)
+            rows += speed_rows(SEEDS[g], a.work, a.steps, gpu_name, host_ram, not a.no_fused, a.uncapped_steps, a.liger_ops)
         else:
             modes = {"off": (False,), "on": (True,), "both": (False, True)}[a.fused]
             rows += ctx_rows(CTX_CASES[g], a.work, a.ctx_steps, gpu_name, host_ram, modes, a.edge)
@@ -916,6 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx-steps", type=int, default=CTX_STEPS, help="optimizer steps of each max-context run")
     ap.add_argument("--fused", choices=["off", "on", "both"], default="both", help="max-context: without/with kernels.fused_loss")
     ap.add_argument("--no-fused", action="store_true", help="speed: skip the vramfit-auto-fused row")
+    ap.add_argument("--liger-ops", action="store_true", help="speed: add the planner's plan with kernels.liger_ops on")
     ap.add_argument("--skip", action="append", metavar="CONFIG",
                     help="leave out the rows of this config, e.g. seed-as-written-uncapped (repeatable)")
     ap.add_argument("--edge", action="store_true", help="max-context: also train the longest predicted under the budget with no margin")

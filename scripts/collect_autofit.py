@@ -8,6 +8,8 @@ regenerated deterministically for its length statistics). Rows whose speed the
 current speed constants were fitted on are marked: the others are out of sample.
 
     python scripts/collect_autofit.py
+    python scripts/collect_autofit.py --raw docs/benchmarks/autofit/session6/autofit.jsonl \
+        --csv docs/benchmarks/autofit-session6.csv --fit-rows 0     # the grid re-run with session 6's auto-fit
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def proof_lengths():
     return LengthStats(tuple(len(e["input_ids"]) for e in examples))
 
 
-def choice_now(r: dict, lengths) -> bool:
-    """Whether this checkout's auto-fit picks the configuration the run trained."""
+def plan_now(r: dict, lengths):
+    """The RunConfig this checkout's auto-fit plans for the run's model and budget."""
     from vramfit.config import RunConfig
     from vramfit.fit import auto_fit
     from vramfit.model_shape import load_shape
@@ -57,6 +59,13 @@ def choice_now(r: dict, lengths) -> bool:
     # As on the GPU machine, where liger-kernel is installed.
     shape = load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
     cfg, _ = auto_fit(base, pinned, shape, r["budget_gib"], r["gpu"], lengths, fused_available=True)
+    return cfg
+
+
+def choice_now(r: dict, lengths) -> bool:
+    """Whether this checkout's auto-fit picks the configuration the run trained (the
+    recorded choices: method, length, batch split, checkpointing, optimizer, fused loss)."""
+    cfg = plan_now(r, lengths)
     c = r["config"]
     now = (cfg.method, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.grad_ckpt, cfg.train.optimizer,
            cfg.kernels.fused_loss)  # fmt: skip
@@ -77,16 +86,21 @@ def predict_now(r: dict, lengths) -> tuple[float, float]:
     from vramfit.speed import estimate_speed
 
     c = r["config"]
-    cfg = RunConfig.model_validate({
-        "method": r["plan"]["method"], "budget_gib": r["budget_gib"], "data": {"seq_len": c["seq_len"]},
-        "train": {k: c[k] for k in ("micro_batch", "grad_accum", "grad_ckpt", "optimizer")},
-        "kernels": {"fused_loss": fused(r)},
-    })  # fmt: skip
+    if choice_now(r, lengths):
+        # The plan itself, savers included (embeddings or activations in host RAM, the tiled
+        # MLP), which the recorded choices do not name.
+        cfg = plan_now(r, lengths)
+    else:
+        cfg = RunConfig.model_validate({
+            "method": r["plan"]["method"], "budget_gib": r["budget_gib"], "data": {"seq_len": c["seq_len"]},
+            "train": {k: c[k] for k in ("micro_batch", "grad_accum", "grad_ckpt", "optimizer")},
+            "kernels": {"fused_loss": fused(r)},
+        })  # fmt: skip
     shape = load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
     return estimate(shape, cfg, "bfloat16", "cuda", lengths.longest).peak_gib, estimate_speed(shape, cfg, lengths, r["gpu"]).tokens_per_s
 
 
-def table(raw: Path) -> list[dict]:
+def table(raw: Path, fit_rows: int = SPEED_FIT_ROWS) -> list[dict]:
     out = []
     lengths = proof_lengths()
     for i, line in enumerate(raw.read_text().splitlines()):
@@ -104,16 +118,24 @@ def table(raw: Path) -> list[dict]:
             "speed_error_pct": round(100 * (prate - rate) / rate, 1) if rate and prate else None,
             "now_predicted_gib": round(now_peak, 3), "now_mem_error_pct": round(100 * (now_peak - meas) / meas, 1),
             "now_predicted_tokens_per_s": round(now_rate, 1), "now_speed_error_pct": round(100 * (now_rate - rate) / rate, 1),
-            "speed_fit_row": i < SPEED_FIT_ROWS,
+            "speed_fit_row": i < fit_rows,
             "same_choice_now": choice_now(r, lengths),
             "steps": m.get("steps"), "exit": r["exit"], "gpu": r["gpu"], "command": r["command"],
         })  # fmt: skip
     return out
 
 
-def main() -> int:
-    rows = table(ROOT / "docs/benchmarks/autofit/autofit.jsonl")
-    with (ROOT / "docs/benchmarks/autofit.csv").open("w", newline="") as f:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--raw", type=Path, default=ROOT / "docs/benchmarks/autofit/autofit.jsonl")
+    ap.add_argument("--csv", type=Path, default=ROOT / "docs/benchmarks/autofit.csv")
+    ap.add_argument("--fit-rows", type=int, default=SPEED_FIT_ROWS,
+                    help="how many leading rows of RAW the speed constants were fitted on (0 for a later grid)")
+    a = ap.parse_args(argv)
+    rows = table(a.raw, a.fit_rows)
+    with a.csv.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)

@@ -354,6 +354,27 @@ def test_fused_loss_renders_only_the_liger_loss(work):
     assert "use_liger_kernel" not in training_args(plan_for([], facts=fake_facts(24)))
 
 
+def test_liger_ops_render_norm_swiglu_and_rope_and_leave_the_swiglu_to_the_tiled_mlp(work):
+    from vramfit.render import training_args
+
+    ops = training_args(plan_for(["kernels.liger_ops=true"], facts=fake_facts(24)))
+    assert ops["use_liger_kernel"] is True
+    assert ops["liger_kernel_config"] == {
+        "fused_linear_cross_entropy": False, "cross_entropy": False, "rms_norm": True, "swiglu": True, "rope": True,
+    }  # fmt: skip
+    both = training_args(plan_for(["kernels.liger_ops=true", "kernels.fused_loss=true", "kernels.tiled_mlp=true"], facts=fake_facts(24)))
+    assert both["liger_kernel_config"] == {
+        "fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": True, "swiglu": False, "rope": True,
+    }  # fmt: skip
+
+
+def test_liger_ops_refused_without_gpu_and_for_unsupported_architectures(no_gpu_facts):
+    with pytest.raises(FitError, match="liger_ops needs an NVIDIA GPU"):
+        plan_for(["kernels.liger_ops=true"], facts=no_gpu_facts)
+    with pytest.raises(ConfigError, match="no fused ops for"):
+        plan_for(["kernels.liger_ops=true"], shape=dataclasses.replace(QWEN7B, model_type="gpt2"), facts=fake_facts(24))
+
+
 def test_fused_loss_refused_without_gpu_and_for_unsupported_architectures(no_gpu_facts):
     with pytest.raises(FitError, match="fused_loss needs an NVIDIA GPU"):
         plan_for(["kernels.fused_loss=true"], facts=no_gpu_facts)

@@ -191,8 +191,9 @@ def test_8gb_card_keeps_activations_in_host_ram_to_reach_a_longer_sequence():
 
 def test_activations_stay_on_the_gpu_when_the_longest_sequence_fits():
     # They cost PCIe copies: where the longest sequence fits without them and they buy no
-    # clearly faster plan, they stay on the GPU.
-    for budget, lengths in ((24, LONG), (8, SHORT), (24, SHORT)):
+    # clearly faster plan, they stay on the GPU. (On 8 GB with short examples they buy
+    # micro-batch 8 instead of 4: the next test's case.)
+    for budget, lengths in ((24, LONG), (24, SHORT)):
         c, why, _ = fitted(budget, lengths=lengths, **FUSED)
         assert not c.train.offload_activations
         assert f"train.offload_activations false: not needed: seq {c.data.seq_len} fits without it, and it buys no plan 5% faster" in why

@@ -106,14 +106,21 @@ class TrainConfig(_Section):
 
 
 class KernelsConfig(_Section):
-    """Kernels that trade compute for memory: liger-kernel's fused loss (Triton: NVIDIA GPUs
-    only, applied by the HF Trainer) and DeepSpeed's tiled MLP (any device)."""
+    """Kernels that trade compute for memory: liger-kernel's fused loss and fused ops (Triton:
+    NVIDIA GPUs only, applied by the HF Trainer) and DeepSpeed's tiled MLP (any device)."""
 
     # Fused linear cross-entropy: the loss over the vocabulary is computed chunk by chunk
     # together with the output projection, so full-vocabulary logits (12 bytes per token
     # and vocabulary entry at the loss's peak: 7 GiB at 4096 tokens of a 152k vocabulary)
     # never exist.
     fused_loss: bool = False
+    # liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton), patched into the model by the
+    # HF Trainer like the fused loss. Fewer kernel launches and smaller saved activations
+    # (the SwiGLU keeps only its two inputs). Off by default and never chosen by auto-fit:
+    # the memory and speed models do not count it yet (the memory model over-predicts with
+    # it, the safe side). With kernels.tiled_mlp the SwiGLU is left out (the tiled MLP
+    # replaces the same forward).
+    liger_ops: bool = False
     # Each decoder layer's MLP computed over chunks of about `hidden` tokens of the sequence
     # (DeepSpeed's TiledMLP), and recomputed chunk by chunk in the backward: its
     # intermediates (4 x intermediate_size values per token, most of a layer's activations)

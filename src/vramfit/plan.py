@@ -135,6 +135,17 @@ def build_plan(
                 f"kernels.fused_loss: liger-kernel has no fused loss for {shape.model_type} models",
                 "use --set kernels.fused_loss=false",
             )
+    if config.kernels.liger_ops:
+        if not facts.has_gpu:
+            raise FitError(
+                "kernels.liger_ops needs an NVIDIA GPU (liger-kernel's Triton kernels)",
+                "use --set kernels.liger_ops=false here",
+            )
+        if shape.model_type not in LIGER_MODEL_TYPES:
+            raise ConfigError(
+                f"kernels.liger_ops: liger-kernel has no fused ops for {shape.model_type} models",
+                "use --set kernels.liger_ops=false",
+            )
     if config.train.offload_embeddings and shape.tied:
         raise ConfigError(
             f"train.offload_embeddings: this {shape.model_type} model's output head shares the input embedding table, "

@@ -69,16 +69,18 @@ def training_args(plan: Plan) -> dict[str, Any]:
     }
     if c.deepspeed.stage:
         args["deepspeed"] = "deepspeed.json"
-    if c.kernels.fused_loss:
+    if c.kernels.fused_loss or c.kernels.liger_ops:
         # The Trainer patches the model with liger-kernel (transformers.integrations.liger);
-        # only the kernels asked for, so the memory model knows what runs.
+        # only the kernels asked for, so the memory model knows what runs. No SwiGLU under the
+        # tiled MLP: liger would replace the MLP forward the tiling wraps.
+        ops = c.kernels.liger_ops
         args["use_liger_kernel"] = True
         args["liger_kernel_config"] = {
-            "fused_linear_cross_entropy": True,
+            "fused_linear_cross_entropy": c.kernels.fused_loss,
             "cross_entropy": False,
-            "rms_norm": False,
-            "swiglu": False,
-            "rope": False,
+            "rms_norm": ops,
+            "swiglu": ops and not c.kernels.tiled_mlp,
+            "rope": ops,
         }
     if c.world_size > 1:
         args["ddp_find_unused_parameters"] = False

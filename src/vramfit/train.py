@@ -480,13 +480,13 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         if cfg.budget_gib:
             log(apply_budget(cfg.budget_gib, monitor))
 
-    if cfg.kernels.fused_loss:
+    for key in ("fused_loss", "liger_ops"):
         import importlib.util
 
-        if importlib.util.find_spec("liger_kernel") is None:
+        if getattr(cfg.kernels, key) and importlib.util.find_spec("liger_kernel") is None:
             raise VramfitError(
-                "kernels.fused_loss needs liger-kernel, which is not installed",
-                "pip install 'vramfit[kernels]', or plan again with --set kernels.fused_loss=false",
+                f"kernels.{key} needs liger-kernel, which is not installed",
+                f"pip install 'vramfit[kernels]', or plan again with --set kernels.{key}=false",
             )
     if cfg.model.attn_implementation == "flash_attention_2":
         from .kernels import flash_attn_installed
