@@ -274,3 +274,18 @@ def test_fused_loss_is_not_chosen_for_an_architecture_liger_lacks_or_when_pinned
     assert not c.kernels.fused_loss
     c, why = auto_fit(cfg, {"kernels.fused_loss"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
     assert not c.kernels.fused_loss and "kernels.fused_loss false: pinned" in why
+
+
+def test_liger_ops_are_on_where_liger_knows_the_architecture_unless_pinned():
+    cfg = base(launch={"gpus": 1})
+    on, why = auto_fit(cfg, set(), Q7, 8, "NVIDIA H200", SHORT, fused_available=True)
+    assert on.kernels.liger_ops
+    assert any(x.startswith("kernels.liger_ops true: liger's fused RMSNorm, SwiGLU and RoPE") for x in why)
+    off, why = auto_fit(cfg, {"kernels.liger_ops"}, Q7, 8, "NVIDIA H200", SHORT, fused_available=True)
+    assert not off.kernels.liger_ops and "kernels.liger_ops false: pinned" in why
+    # Without liger-kernel where the plan is made (fused_available False) it stays off.
+    assert not auto_fit(cfg, set(), Q7, 8, "NVIDIA H200", SHORT)[0].kernels.liger_ops
+    # Less memory and less time like for like: never a worse plan.
+    plain = on.model_copy(update={"kernels": on.kernels.model_copy(update={"liger_ops": False})})
+    assert estimate(Q7, on, "bfloat16", "cuda").peak < estimate(Q7, plain, "bfloat16", "cuda").peak
+    assert estimate_speed(Q7, on, SHORT, "H200").tokens_per_s > estimate_speed(Q7, plain, SHORT, "H200").tokens_per_s

@@ -592,3 +592,15 @@ def test_accumulated_gradients_are_live_at_the_loss():
     assert b.peak_gib == pytest.approx(23.99, rel=0.03)
     one = estimate(Q7, seed.model_copy(update={"train": seed.train.model_copy(update={"grad_accum": 1})}))
     assert b.peak - one.peak == b.trainable_params * 4
+
+
+def test_liger_swiglu_keeps_two_intermediates_not_four_and_yields_to_the_tiled_mlp():
+    from vramfit.memory import ACT_CORE
+
+    plain = cfg(method="qlora", data={"seq_len": 4096})
+    ops = cfg(method="qlora", data={"seq_len": 4096}, kernels={"liger_ops": True})
+    saved = layer_activation_bytes(Q7, plain, 2) - layer_activation_bytes(Q7, ops, 2)
+    assert saved == pytest.approx(4096 * 2 * ACT_CORE * 2 * Q7.intermediate)
+    tiled = cfg(method="qlora", data={"seq_len": 4096}, kernels={"tiled_mlp": True})
+    both = cfg(method="qlora", data={"seq_len": 4096}, kernels={"tiled_mlp": True, "liger_ops": True})
+    assert layer_activation_bytes(Q7, both, 2) == layer_activation_bytes(Q7, tiled, 2)

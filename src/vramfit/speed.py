@@ -103,6 +103,12 @@ ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0484
 # (Qwen, 14,208). A least-squares rate through all six. (The one earlier run, 2.06 GB/s,
 # was transformers 5.17 copying each layer's insides too: docs/benchmarks/fused/.)
 OFFLOAD_PCIE_GB_S = 46.0
+# kernels.liger_ops: liger's fused RMSNorm, SwiGLU and RoPE replace several elementwise
+# kernels per layer, the work the per-layer overhead (LAYER_PASS_S) stands for. The share
+# of it left: from one H200 pair (docs/benchmarks/speed/7-8gb-liger-ops/: Qwen2.5-7B QLoRA,
+# micro-batch 16 x 512 tokens, checkpointing) that trained 13,103 tokens/s against 10,994,
+# 0.12 s less per micro-batch, 39% of that term. One pair: an estimate, not a fit.
+LIGER_LAYER_PASS = 0.61
 # train.offload_embeddings: GB/s of looked-up embedding rows (CPU gather + unpinned copy to
 # the GPU), adding to the step. Not separately measured: a conservative guess. The rows are
 # a few MB to ~100 MB per micro-batch, so the term is small either way; the runs with it in
@@ -197,7 +203,7 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
     f = {
         "matmul": flops / (tflops * 1e12),  # seconds at the dense peak
         "dequant": scale * dequantized * 1e-12 if cfg.method == "qlora" else 0.0,
-        "layer_pass": scale * passes * shape.layers,
+        "layer_pass": scale * passes * shape.layers * (LIGER_LAYER_PASS if cfg.kernels.liger_ops else 1.0),
         "module_pass": scale * passes * shape.layers * adapted_modules_per_layer(shape, cfg),
         "q4_module_pass": scale * passes * shape.layers * len(shape.layer_linears()) if cfg.method == "qlora" else 0.0,
         "loss": scale * tokens * shape.vocab * 1e-12,
