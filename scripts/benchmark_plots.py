@@ -33,10 +33,6 @@ def records(dirs: list[Path], kind: str) -> list[dict]:
     return [r for r in out if str(r.get("status", "")).startswith("ok")]
 
 
-def label(r: dict) -> str:
-    return f"{r['arch']}\n{r['budget_gib']:g} GiB\n{r['config']}"
-
-
 def plot_max_context(rows: list[dict], out: Path, plt) -> None:
     # The latest run of each case (later result dirs re-ran some with a refitted model).
     latest = {r["group"]: r for r in rows}
@@ -58,11 +54,13 @@ def plot_max_context(rows: list[dict], out: Path, plt) -> None:
 
 
 def plot_speed(rows: list[dict], out: Path, plt) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    # The latest run of each config, as speed.csv keeps them (the directories are in run order).
+    rows = sorted({(r["group"], r["config"]): r for r in rows}.values(), key=lambda r: (r["budget_gib"], r["config"]))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     tps = [r["metrics"]["steady_tokens_per_s"] for r in rows]
     colors = ["tab:blue" if r["config"].startswith("vramfit") else "grey" for r in rows]
     ax.bar(range(len(rows)), tps, color=colors)
-    ax.set_xticks(range(len(rows)), [label(r) for r in rows], fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{r['budget_gib']:g} GiB, {r['config']}" for r in rows], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("tokens/s")
     ax.set_title("Qwen2.5-7B: seed guide configs (grey) and vramfit's plan (blue), same cap, data, batch", fontsize=9)
     fig.tight_layout()
@@ -71,7 +69,9 @@ def plot_speed(rows: list[dict], out: Path, plt) -> None:
 
 
 def plot_breakdown(rows: list[dict], out: Path, plt) -> None:
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    # The latest run of each case, as the CSVs keep them.
+    rows = list({(r["group"], r["config"]): r for r in rows}.values())
+    fig, ax = plt.subplots(figsize=(10, 5.2))
     bottom = [0.0] * len(rows)
     for part in PARTS:
         vals = [(r.get("breakdown_gib") or {}).get(part, 0.0) for r in rows]
@@ -79,10 +79,10 @@ def plot_breakdown(rows: list[dict], out: Path, plt) -> None:
         bottom = [b + v for b, v in zip(bottom, vals)]
     measured = [r["metrics"].get("peak_process_gib") for r in rows]
     ax.scatter(range(len(rows)), measured, color="black", marker="_", s=400, zorder=3, label="measured (NVML)")
-    ax.set_xticks(range(len(rows)), [label(r) for r in rows], fontsize=7, rotation=30, ha="right")
+    ax.set_xticks(range(len(rows)), [f"{r['group']}/{r['config']}" for r in rows], fontsize=6, rotation=35, ha="right")
     ax.set_ylabel("GiB")
     ax.set_title("Predicted peak breakdown and measured process peak", fontsize=9)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

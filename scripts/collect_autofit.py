@@ -66,11 +66,20 @@ def choice_now(r: dict, lengths) -> bool:
     """Whether this checkout's auto-fit picks the configuration the run trained (the
     recorded choices: method, length, batch split, checkpointing, optimizer, fused loss)."""
     cfg = plan_now(r, lengths)
+    return _same_choices(cfg, r) and cfg.kernels.liger_ops == liger(r)
+
+
+def _same_choices(cfg, r: dict) -> bool:
     c = r["config"]
     now = (cfg.method, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.grad_ckpt, cfg.train.optimizer,
            cfg.kernels.fused_loss)  # fmt: skip
     return now == (r["plan"]["method"], c["seq_len"], c["micro_batch"], c["grad_accum"], c["grad_ckpt"], c["optimizer"],
                    fused(r))  # fmt: skip
+
+
+def liger(r: dict) -> bool:
+    """Whether the run had liger's fused ops (an auto-fit choice since session 6)."""
+    return any(x.startswith("kernels.liger_ops true") for x in r["plan"].get("auto_fit") or [])
 
 
 def fused(r: dict) -> bool:
@@ -86,10 +95,11 @@ def predict_now(r: dict, lengths) -> tuple[float, float]:
     from vramfit.speed import estimate_speed
 
     c = r["config"]
-    if choice_now(r, lengths):
+    planned = plan_now(r, lengths)
+    if _same_choices(planned, r):
         # The plan itself, savers included (embeddings or activations in host RAM, the tiled
-        # MLP), which the recorded choices do not name.
-        cfg = plan_now(r, lengths)
+        # MLP), which the recorded choices do not name; liger's ops as the run had them.
+        cfg = planned.model_copy(update={"kernels": planned.kernels.model_copy(update={"liger_ops": liger(r)})})
     else:
         cfg = RunConfig.model_validate({
             "method": r["plan"]["method"], "budget_gib": r["budget_gib"], "data": {"seq_len": c["seq_len"]},

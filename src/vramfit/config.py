@@ -116,10 +116,10 @@ class KernelsConfig(_Section):
     fused_loss: bool = False
     # liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton), patched into the model by the
     # HF Trainer like the fused loss. Fewer kernel launches and smaller saved activations
-    # (the SwiGLU keeps only its two inputs). Off by default and never chosen by auto-fit:
-    # the memory and speed models do not count it yet (the memory model over-predicts with
-    # it, the safe side). With kernels.tiled_mlp the SwiGLU is left out (the tiled MLP
-    # replaces the same forward).
+    # (the SwiGLU keeps only its two inputs). Off by default in presets; `--preset auto`
+    # turns it on where liger-kernel knows the architecture (memory.liger_swiglu,
+    # speed.LIGER_LAYER_PASS). With kernels.tiled_mlp the SwiGLU is left out (the tiled
+    # MLP replaces the same forward).
     liger_ops: bool = False
     # Each decoder layer's MLP computed over chunks of about `hidden` tokens of the sequence
     # (DeepSpeed's TiledMLP), and recomputed chunk by chunk in the backward: its
