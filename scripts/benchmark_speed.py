@@ -783,9 +783,11 @@ def _latest(records: list[dict], key) -> list[dict]:
 
 
 def speed_table(records: list[dict]) -> list[dict]:
+    """One row per config (the latest run), each compared with the seed run of the same
+    invocation (``_source``: its results file) where it has one: the seed's own speed moves
+    between invocations (up to 22% on the 8 GB group), so only a same-call ratio is fair."""
     from vramfit.speed import gpu_tflops
 
-    records = _latest(records, lambda r: (r.get("gpu"), r["group"], r["config"]))
     rows = []
     for rec in records:
         m = rec.get("metrics") or {}
@@ -811,12 +813,18 @@ def speed_table(records: list[dict]) -> list[dict]:
             "mfu": _round(mfu(tps, n, method, peak), 4), "mfu_datasheet": _round(mfu(tps, n, method, datasheet if known else None), 4),
             "batch_split_by": rec.get("batch_split_by"), "date": rec.get("date"), "command": rec["command"],
             "_losses": rec.get("losses") or [], "_config": rec.get("plan_config") or {}, "_dtype": rec.get("resolved_dtype"),
+            "_source": rec.get("_source"),
         })  # fmt: skip
-    # Each group against its seed config that trained under the cap: as written, else made to fit.
-    for group in dict.fromkeys((r["gpu"], r["group"]) for r in rows):
-        members = [r for r in rows if (r["gpu"], r["group"]) == group]
+    # Each group against its seed config that trained under the cap in the same invocation
+    # (as written, else made to fit); a row whose invocation ran no seed, against the latest.
+    latest_ref: dict = {}
+    for r in rows:
+        if r["config"] in ("seed-as-written", "seed-made-to-fit") and r["status"].startswith("ok"):
+            latest_ref[(r["gpu"], r["group"])] = r
+    for group in dict.fromkeys((r["gpu"], r["group"], r["_source"]) for r in rows):
+        members = [r for r in rows if (r["gpu"], r["group"], r["_source"]) == group]
         ref = next((r for c in ("seed-as-written", "seed-made-to-fit") for r in members
-                    if r["config"] == c and r["status"].startswith("ok")), None)  # fmt: skip
+                    if r["config"] == c and r["status"].startswith("ok")), latest_ref.get(group[:2]))  # fmt: skip
         for r in members:
             if ref is None:
                 continue
@@ -831,7 +839,7 @@ def speed_table(records: list[dict]) -> list[dict]:
                 b = {**r["_config"], "model": {**r["_config"].get("model", {}), "dtype": r["_dtype"]}}
                 diffs = config_differences(a, b, ("model.name", "data.path", "train.max_steps", "budget_gib"))
                 r["differs_from_seed"] = "; ".join(f"{k}: {json.dumps(x)} -> {json.dumps(y)}" for k, (x, y) in diffs.items())
-    return rows
+    return _latest(rows, lambda r: (r["gpu"], r["group"], r["config"]))
 
 
 def ctx_table(records: list[dict]) -> list[dict]:
@@ -871,7 +879,7 @@ def read_jsonl(paths: list[Path]) -> list[dict]:
     out = []
     for p in paths:
         if p.is_file():
-            out += [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+            out += [{**json.loads(x), "_source": str(p)} for x in p.read_text().splitlines() if x.strip()]
     return out
 
 

@@ -242,6 +242,19 @@ def test_a_rerun_replaces_the_earlier_record(tmp_path):
     assert len(rows) == 1 and rows[0]["tokens_per_s"] == 1200.0
 
 
+def test_each_row_is_compared_with_the_seed_of_its_own_call():
+    # The seed's speed moves between invocations: a plan re-run later is not compared with an
+    # earlier call's seed, and a row from a call that ran no seed falls back to the latest one.
+    first = [_record("seed-made-to-fit", "ok", 1000.0, [1.0]), _record("vramfit-auto", "ok", 7000.0, [1.0], mb=16, ga=2)]
+    second = [_record("seed-made-to-fit", "ok", 2000.0, [1.0]), _record("vramfit-auto-fused", "ok", 9000.0, [1.0], mb=16, ga=2)]
+    third = [_record("vramfit-auto", "ok", 8000.0, [1.0], mb=16, ga=2)]
+    recs = [{**r, "_source": src} for src, call in (("a", first), ("b", second), ("c", third)) for r in call]
+    by = {r["config"]: r for r in bs.speed_table(recs)}
+    assert by["vramfit-auto-fused"]["ratio_to_seed"] == 4.5  # its own call's seed (2000)
+    assert by["vramfit-auto"]["tokens_per_s"] == 8000.0 and by["vramfit-auto"]["ratio_to_seed"] == 4.0  # no seed in its call
+    assert by["seed-made-to-fit"]["tokens_per_s"] == 2000.0
+
+
 # ------------------------------------------------------------------ dry run
 
 
