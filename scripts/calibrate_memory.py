@@ -123,6 +123,18 @@ def model_of(command: str) -> str:
     return argv[argv.index("--model") + 1]
 
 
+def matrix_runs(raw: Path, measured: str = "peak_process_gib"):
+    """(row, config, shape) of every run in a results file this script wrote that trained
+    and recorded ``measured`` in its metrics; the model is its scripts/archs/ architecture."""
+    from vramfit.model_shape import load_shape
+
+    for line in raw.read_text().splitlines():
+        r = json.loads(line)
+        if r["exit"] != 0 or not r["metrics"].get(measured):
+            continue
+        yield r, config_for(r), load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
+
+
 def predict(row: dict, model: Path):
     """The memory model's breakdown for a row, as `vramfit train` plans it (no dataset
     lengths: every example is longer than the sequence). ``model``: a model directory or

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from calibrate_memory import config_for, config_from_command, model_of  # noqa: E402
+from calibrate_memory import config_from_command, matrix_runs, model_of  # noqa: E402
 
 from vramfit.memory import estimate  # noqa: E402
 from vramfit.model_shape import load_shape  # noqa: E402
@@ -62,13 +62,8 @@ def _measured(cfg, b, m: dict, measured: float, reserved: float, gpu, r: dict, s
 
 def rows(raw: Path) -> list[dict]:
     out = []
-    for line in raw.read_text().splitlines():
-        r = json.loads(line)
+    for r, cfg, shape in matrix_runs(raw):
         m = r["metrics"]
-        if r["exit"] != 0 or not m.get("peak_process_gib"):
-            continue
-        cfg = config_for(r)
-        shape = load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
         b = estimate(shape, cfg, "bfloat16", "cuda")
         measured = m["peak_process_gib"]
         out.append(

@@ -62,11 +62,10 @@ def plan_now(r: dict, lengths):
     return cfg
 
 
-def choice_now(r: dict, lengths) -> bool:
-    """Whether this checkout's auto-fit picks the configuration the run trained (the
-    recorded choices: method, length, batch split, checkpointing, optimizer, fused loss)."""
-    cfg = plan_now(r, lengths)
-    return _same_choices(cfg, r) and cfg.kernels.liger_ops == liger(r)
+def choice_now(planned, r: dict) -> bool:
+    """Whether ``planned`` (plan_now) is the configuration the run trained (the recorded
+    choices: method, length, batch split, checkpointing, optimizer, fused loss, liger's ops)."""
+    return _same_choices(planned, r) and planned.kernels.liger_ops == liger(r)
 
 
 def _same_choices(cfg, r: dict) -> bool:
@@ -88,14 +87,15 @@ def fused(r: dict) -> bool:
     return bool(r["config"].get("fused_loss", any(x.startswith("kernels.fused_loss true") for x in r["plan"].get("auto_fit", []))))
 
 
-def predict_now(r: dict, lengths) -> tuple[float, float]:
+def predict_now(r: dict, planned, lengths) -> tuple[float, float]:
+    """This checkout's memory and speed models for the run as it trained; ``planned`` is
+    plan_now's configuration for it."""
     from vramfit.config import RunConfig
     from vramfit.memory import estimate
     from vramfit.model_shape import load_shape
     from vramfit.speed import estimate_speed
 
     c = r["config"]
-    planned = plan_now(r, lengths)
     if _same_choices(planned, r):
         # The plan itself, savers included (embeddings or activations in host RAM, the tiled
         # MLP), which the recorded choices do not name; liger's ops as the run had them.
@@ -115,7 +115,8 @@ def table(raw: Path, fit_rows: int = SPEED_FIT_ROWS) -> list[dict]:
     lengths = proof_lengths()
     for i, line in enumerate(raw.read_text().splitlines()):
         r = json.loads(line)
-        now_peak, now_rate = predict_now(r, lengths)
+        planned = plan_now(r, lengths)  # one auto-fit search per run: it is the slow part
+        now_peak, now_rate = predict_now(r, planned, lengths)
         m, c, p = r["metrics"], r["config"], r["plan"]
         meas, pred = m.get("peak_process_gib"), p.get("predicted_peak_gib")
         rate, prate = m.get("steady_tokens_per_s"), p.get("predicted_tokens_per_s")
@@ -129,7 +130,7 @@ def table(raw: Path, fit_rows: int = SPEED_FIT_ROWS) -> list[dict]:
             "now_predicted_gib": round(now_peak, 3), "now_mem_error_pct": round(100 * (now_peak - meas) / meas, 1),
             "now_predicted_tokens_per_s": round(now_rate, 1), "now_speed_error_pct": round(100 * (now_rate - rate) / rate, 1),
             "speed_fit_row": i < fit_rows,
-            "same_choice_now": choice_now(r, lengths),
+            "same_choice_now": choice_now(planned, r),
             "steps": m.get("steps"), "exit": r["exit"], "gpu": r["gpu"], "command": r["command"],
         })  # fmt: skip
     return out

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from calibrate_memory import config_for  # noqa: E402
+from calibrate_memory import matrix_runs  # noqa: E402
 
 import vramfit.memory as memory  # noqa: E402
 from vramfit.config import RunConfig  # noqa: E402
@@ -59,14 +59,8 @@ def _features(shape, cfg) -> list[float]:
 
 def _calibration_runs():
     """(name, shape, config, measured allocated GiB, measured process GiB) of fused.jsonl."""
-    for line in (ROOT / "docs/benchmarks/calibration/fused.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        m = r["metrics"]
-        if r["exit"] != 0 or not m.get("peak_allocated_gib"):
-            continue
-        cfg = config_for(r)
-        shape = load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
-        yield f"{r['arch']} {cfg.method} mb{cfg.train.micro_batch} seq{cfg.data.seq_len}", shape, cfg, m
+    for r, cfg, shape in matrix_runs(ROOT / "docs/benchmarks/calibration/fused.jsonl", "peak_allocated_gib"):
+        yield f"{r['arch']} {cfg.method} mb{cfg.train.micro_batch} seq{cfg.data.seq_len}", shape, cfg, r["metrics"]
 
 
 def _benchmark_runs():

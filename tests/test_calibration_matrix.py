@@ -18,7 +18,7 @@ from vramfit.model_shape import load_shape
 from vramfit.plan import build_plan
 
 sys.path.insert(0, str(REPO / "scripts"))
-from calibrate_memory import TARGETS, read_matrix, set_args  # noqa: E402
+from calibrate_memory import TARGETS, config_for, read_matrix, set_args  # noqa: E402
 import calibration_report  # noqa: E402
 
 MATRICES = [REPO / "scripts/calibration_matrix.yaml", REPO / "scripts/calibration_matrix_archs.yaml"]
@@ -53,7 +53,7 @@ def test_archs_matrix_plans_on_an_h200_three_at_a_time():
     GiB), any three runs fit the card together, so the default --parallel 3 never waits."""
     caps = []
     for r in read_matrix(MATRICES[1]):
-        cfg = calibration_report.config_for(r).model_copy(update={"budget_gib": 1000})
+        cfg = config_for(r).model_copy(update={"budget_gib": 1000})
         p = build_plan(cfg, load_shape(str(REPO / f"scripts/archs/{r['arch']}.json")), fake_facts(H200_GIB))
         caps.append(p.breakdown.peak_gib * 1.3 + 2)
     assert sum(sorted(caps)[-3:]) <= H200_GIB - 3

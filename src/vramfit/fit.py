@@ -248,16 +248,15 @@ def auto_fit(
             not c.config.train.offload_activations,
         ),
     )
-    if best.config.train.offload_activations:
+    # The fastest plan at this length with the activations on the GPU, if any fits.
+    on_gpu = max((c for c in at_seq if not c.config.train.offload_activations), key=lambda c: c.tokens_per_s, default=None)
+    if best.config.train.offload_activations and on_gpu is not None:
         # Host RAM for a speed gain only where the gain is clear: the PCIe cost is an
         # effective rate over six runs, and a pinned host buffer of several GiB is not free.
-        on_gpu = [c for c in at_seq if not c.config.train.offload_activations]
-        if on_gpu:
-            alt = max(on_gpu, key=lambda c: c.tokens_per_s)
-            if alt.tokens_per_s * (1 + OFFLOAD_MIN_GAIN) >= best.tokens_per_s:
-                best = alt
+        if on_gpu.tokens_per_s * (1 + OFFLOAD_MIN_GAIN) >= best.tokens_per_s:
+            best = on_gpu
     lines = _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, world)
-    lines.insert(-1, _offload_line(best, at_seq, pinned, without_acts, seqs[0], shape, dtype, lengths, gpu_name))
+    lines.insert(-1, _offload_line(best, on_gpu, pinned, without_acts, seqs[0], shape, dtype, lengths, gpu_name))
     if "kernels.liger_ops" in pinned:
         lines.insert(-1, f"kernels.liger_ops {str(best.config.kernels.liger_ops).lower()}: pinned")
     elif best.config.kernels.liger_ops:
@@ -267,8 +266,9 @@ def auto_fit(
     return best.config, lines
 
 
-def _offload_line(best, at_seq, pinned, without: int, top: int, shape, dtype, lengths, gpu_name) -> str:
-    """Why the activations are (not) kept in host RAM."""
+def _offload_line(best, on_gpu, pinned, without: int, top: int, shape, dtype, lengths, gpu_name) -> str:
+    """Why the activations are (not) kept in host RAM. ``on_gpu``: the fastest plan at this
+    length with them on the GPU, or None."""
     c = best.config
     if "train.offload_activations" in pinned:
         return f"train.offload_activations {str(c.train.offload_activations).lower()}: pinned"
@@ -278,11 +278,10 @@ def _offload_line(best, at_seq, pinned, without: int, top: int, shape, dtype, le
         )
     plain = estimate_speed(shape, _with(c, train__offload_activations=False), lengths, gpu_name).tokens_per_s
     host = offloaded_activation_host_bytes(shape, c, dtype, lengths.longest if lengths else None) / GIB
-    on_gpu = [x for x in at_seq if not x.config.train.offload_activations]
-    if on_gpu:
+    if on_gpu is not None:
         # Same length without it: kept because the memory it frees buys a faster plan
         # (most often a bigger micro-batch), which more than pays for the PCIe copies.
-        why = _pays(best, max(on_gpu, key=lambda x: x.tokens_per_s), "with them on the GPU")
+        why = _pays(best, on_gpu, "with them on the GPU")
     else:
         why = f"since without it the longest that fits is seq {without}" if without else "since nothing fits without it"
     return (

@@ -124,27 +124,18 @@ def build_plan(
             f"DeepSpeed ZeRO-{config.deepspeed.stage} needs NVIDIA GPUs and none was found",
             "use --preset cpu here, or run this plan on a GPU machine",
         )
-    if config.kernels.fused_loss:
+    for key, what in (("fused_loss", "fused loss"), ("liger_ops", "fused ops")):
+        if not getattr(config.kernels, key):
+            continue
         if not facts.has_gpu:
             raise FitError(
-                "kernels.fused_loss needs an NVIDIA GPU (liger-kernel's Triton kernels)",
-                "use --set kernels.fused_loss=false here",
+                f"kernels.{key} needs an NVIDIA GPU (liger-kernel's Triton kernels)",
+                f"use --set kernels.{key}=false here",
             )
         if shape.model_type not in LIGER_MODEL_TYPES:
             raise ConfigError(
-                f"kernels.fused_loss: liger-kernel has no fused loss for {shape.model_type} models",
-                "use --set kernels.fused_loss=false",
-            )
-    if config.kernels.liger_ops:
-        if not facts.has_gpu:
-            raise FitError(
-                "kernels.liger_ops needs an NVIDIA GPU (liger-kernel's Triton kernels)",
-                "use --set kernels.liger_ops=false here",
-            )
-        if shape.model_type not in LIGER_MODEL_TYPES:
-            raise ConfigError(
-                f"kernels.liger_ops: liger-kernel has no fused ops for {shape.model_type} models",
-                "use --set kernels.liger_ops=false",
+                f"kernels.{key}: liger-kernel has no {what} for {shape.model_type} models",
+                f"use --set kernels.{key}=false",
             )
     if config.train.offload_embeddings and shape.tied:
         raise ConfigError(

@@ -122,7 +122,8 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
     tokens_seen = 0
     longest_first = False
     # train.offload_activations: the hooks (offload.HostActivations), and the most that one
-    # micro-batch moved to host RAM: (bytes, tensors, padded tokens of that micro-batch).
+    # micro-batch moved to host RAM: (bytes, tensors, padded tokens of that micro-batch, the
+    # pinned blocks they took).
     host_activations = None
     offloaded_peak = (0, 0, 0, 0)
 
@@ -480,9 +481,9 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         if cfg.budget_gib:
             log(apply_budget(cfg.budget_gib, monitor))
 
-    for key in ("fused_loss", "liger_ops"):
-        import importlib.util
+    import importlib.util
 
+    for key in ("fused_loss", "liger_ops"):
         if getattr(cfg.kernels, key) and importlib.util.find_spec("liger_kernel") is None:
             raise VramfitError(
                 f"kernels.{key} needs liger-kernel, which is not installed",
