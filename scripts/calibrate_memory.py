@@ -42,10 +42,37 @@ TARGETS = {"all": "all-linear", "qkvo": "[q_proj,k_proj,v_proj,o_proj]", "qv": "
 # A row's optional ninth column, attn, is model.attn_implementation (sdpa when left out);
 # the tenth, loss, is plain or fused (kernels.fused_loss; plain when left out).
 COLUMNS = ("arch", "method", "lora_r", "targets", "micro_batch", "seq_len", "grad_ckpt", "optimizer", "attn", "loss")
+# A row may also be a mapping of these columns plus: layers (the architecture cut to that
+# many decoder layers: two depths of one configuration isolate the per-layer terms),
+# dropout (lora.dropout; the preset's 0.05 when left out) and liger (kernels.liger_ops).
+EXTRA = ("layers", "dropout", "liger")
 
 
 def read_matrix(path: Path) -> list[dict]:
-    return [{"attn": "sdpa", "loss": "plain", **dict(zip(COLUMNS, r))} for r in yaml.safe_load(path.read_text())["rows"]]
+    rows = []
+    for r in yaml.safe_load(path.read_text())["rows"]:
+        row = dict(r) if isinstance(r, dict) else dict(zip(COLUMNS, r))
+        unknown = set(row) - set(COLUMNS) - set(EXTRA)
+        if unknown:
+            raise ValueError(f"{path}: unknown columns {sorted(unknown)} in {r}")
+        rows.append({"attn": "sdpa", "loss": "plain", **row})
+    return rows
+
+
+def arch_name(row: dict) -> str:
+    """The model directory's name: the architecture, or it cut to ``layers`` layers."""
+    return f"{row['arch']}-L{row['layers']}" if row.get("layers") else row["arch"]
+
+
+def arch_config(row: dict) -> dict:
+    """The row's config.json: scripts/archs/ARCH.json, cut to ``layers`` decoder layers."""
+    cfg = json.loads((ROOT / f"scripts/archs/{row['arch']}.json").read_text())
+    if row.get("layers"):
+        cfg["num_hidden_layers"] = int(row["layers"])
+        for key in ("layer_types", "max_window_layers"):  # per-layer lists/limits sized to the depth
+            if isinstance(cfg.get(key), list):
+                cfg[key] = cfg[key][: int(row["layers"])]
+    return cfg
 
 
 @dataclass
@@ -79,6 +106,10 @@ def set_args(row: dict, steps: int) -> list[str]:
         sets["model.attn_implementation"] = row["attn"]
     if row.get("loss", "plain") == "fused":
         sets["kernels.fused_loss"] = "true"
+    if row.get("dropout") is not None:
+        sets["lora.dropout"] = row["dropout"]
+    if row.get("liger"):
+        sets["kernels.liger_ops"] = "true"
     out: list[str] = []
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]
@@ -126,13 +157,13 @@ def model_of(command: str) -> str:
 def matrix_runs(raw: Path, measured: str = "peak_process_gib"):
     """(row, config, shape) of every run in a results file this script wrote that trained
     and recorded ``measured`` in its metrics; the model is its scripts/archs/ architecture."""
-    from vramfit.model_shape import load_shape
+    from vramfit.model_shape import shape_from_config
 
     for line in raw.read_text().splitlines():
         r = json.loads(line)
         if r["exit"] != 0 or not r["metrics"].get(measured):
             continue
-        yield r, config_for(r), load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
+        yield r, config_for(r), shape_from_config(arch_config(r))
 
 
 def predict(row: dict, model: Path):
@@ -142,7 +173,9 @@ def predict(row: dict, model: Path):
     from vramfit.memory import estimate
     from vramfit.model_shape import load_shape
 
-    return estimate(load_shape(str(model)), config_for(row), "bfloat16", "cuda")
+    cfg = config_for(row)
+    # Every example of the calibration dataset is longer than the sequence: no padding.
+    return estimate(load_shape(str(model)), cfg, "bfloat16", "cuda", shortest=cfg.data.seq_len)
 
 
 def gpu_total_gib() -> float:
@@ -185,15 +218,19 @@ def main() -> int:
             check=True,
         )
     models = {}
-    for arch in dict.fromkeys(r["arch"] for r in rows):
+    for row in rows:
+        arch = arch_name(row)
+        if arch in models:
+            continue
         models[arch] = a.work / arch
         if (models[arch] / "config.json").is_file():
             continue  # built by an earlier matrix in this --work
         say(f"building {arch}")
         t = time.perf_counter()
+        spec = a.work / f"{arch}.json"
+        spec.write_text(json.dumps(arch_config(row)))
         subprocess.run(
-            [py, str(ROOT / "scripts/make_random_model.py"), str(ROOT / f"scripts/archs/{arch}.json"), str(models[arch]),
-             "--device", "cuda"], check=True,
+            [py, str(ROOT / "scripts/make_random_model.py"), str(spec), str(models[arch]), "--device", "cuda"], check=True,
         )  # fmt: skip
         say(f"model {arch}: {time.perf_counter() - t:.0f} s")
 
@@ -205,11 +242,11 @@ def main() -> int:
 
     jobs: list[Job] = []
     for i, row in enumerate(rows):
-        base = ["--preset", "24gb", "--model", str(models[row["arch"]]), "--data", str(data), *set_args(row, a.steps)]
+        base = ["--preset", "24gb", "--model", str(models[arch_name(row)]), "--data", str(data), *set_args(row, a.steps)]
         # The memory model in this process (a `vramfit plan` subprocess per row took ~15 s
         # on the GPU machine): the same config the run's `vramfit train` resolves.
         try:
-            b = predict(row, models[row["arch"]])
+            b = predict(row, models[arch_name(row)])
         except Exception as e:  # noqa: BLE001 - a row the model cannot plan is reported, not fatal
             say(f"row {i} {row}: plan failed: {e}")
             continue

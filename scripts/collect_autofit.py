@@ -96,7 +96,12 @@ def predict_now(r: dict, planned, lengths) -> tuple[float, float]:
     from vramfit.speed import estimate_speed
 
     c = r["config"]
-    if _same_choices(planned, r):
+    if r.get("planned_config"):
+        # Recorded whole since session 7. A key the run's checkout did not have yet takes
+        # the behaviour it had then: data.pad_to_multiple_of (64 by default since session 7).
+        doc = {**r["planned_config"], "data": {"pad_to_multiple_of": None, **r["planned_config"].get("data", {})}}
+        cfg = RunConfig.model_validate(doc)
+    elif _same_choices(planned, r):
         # The plan itself, savers included (embeddings or activations in host RAM, the tiled
         # MLP), which the recorded choices do not name; liger's ops as the run had them.
         cfg = planned.model_copy(update={"kernels": planned.kernels.model_copy(update={"liger_ops": liger(r)})})
@@ -107,7 +112,7 @@ def predict_now(r: dict, planned, lengths) -> tuple[float, float]:
             "kernels": {"fused_loss": fused(r)},
         })  # fmt: skip
     shape = load_shape(str(ROOT / f"scripts/archs/{r['arch']}.json"))
-    return estimate(shape, cfg, "bfloat16", "cuda", lengths.longest).peak_gib, estimate_speed(shape, cfg, lengths, r["gpu"]).tokens_per_s
+    return estimate(shape, cfg, "bfloat16", "cuda", lengths.longest, lengths.shortest).peak_gib, estimate_speed(shape, cfg, lengths, r["gpu"]).tokens_per_s
 
 
 def table(raw: Path, fit_rows: int = SPEED_FIT_ROWS) -> list[dict]:

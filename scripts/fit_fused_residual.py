@@ -91,7 +91,7 @@ def deficits() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
             if key in seen:
                 continue  # the same run kept in two places
             seen.add(key)
-            b = memory.estimate(shape, cfg, "bfloat16", "cuda")
+            b = memory.estimate(shape, cfg, "bfloat16", "cuda", shortest=cfg.data.seq_len)  # full-length data only
             measured = (m.get("peak_process_gib") or m["peak_reserved_gib"] + memory.CUDA_CONTEXT_GIB) * GIB
             # In the backward the residual also carries the allocator slack (OTHER_SLACK x the phase).
             x.append([f * (1 + memory.OTHER_SLACK) for f in _features(shape, cfg)])

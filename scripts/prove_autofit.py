@@ -87,6 +87,7 @@ def main() -> int:
                     "fused_loss": plan.get("config", {}).get("kernels", {}).get("fused_loss"),
                 },
                 "metrics": {k: v for k, v in m.items() if k not in ("output",)},
+                "planned_config": plan.get("config"),  # the whole plan, savers and kernels included
             }
             with (a.results / "autofit.jsonl").open("a") as f:
                 f.write(json.dumps(rec) + "\n")

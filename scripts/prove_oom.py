@@ -111,7 +111,8 @@ def predicted_breakdown(micro_batch: int, steps: int = 12) -> dict[str, float]:
 
     shape = shape_from_config(json.loads((ROOT / f"scripts/archs/{ARCH}.json").read_text()))
     config = resolve_layers(PRESET, None, {}, train_sets(steps, micro_batch)).config
-    return estimate(shape, config, "bfloat16", "cuda").gib()
+    # long.jsonl: every example is longer than the sequence, so no micro-batch is padded.
+    return estimate(shape, config, "bfloat16", "cuda", shortest=config.data.seq_len).gib()
 
 
 def hold_ballast(target_gib: float, out: Path) -> int:

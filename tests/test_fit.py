@@ -218,13 +218,14 @@ def test_activations_in_host_ram_for_a_bigger_micro_batch_when_it_clearly_pays()
 
 def test_activations_stay_on_the_gpu_for_a_gain_within_the_speed_models_error():
     # 8 GB, plain loss: without checkpointing, every saved tensor in host RAM is predicted
-    # a fraction of a percent faster than checkpointing them on the GPU: not worth the RAM.
+    # no faster than checkpointing them on the GPU (the copies cost what recomputation
+    # does): below the gain that would be worth the RAM.
     c, why, _ = fitted(8)
     assert c.train.grad_ckpt and not c.train.offload_activations
     moved = c.model_copy(update={"train": c.train.model_copy(update={"grad_ckpt": False, "offload_activations": True})})
     assert estimate(Q7, moved, "bfloat16", "cuda", SHORT.longest).peak_gib <= 8 * (1 - SAFETY_MARGIN)
     gain = estimate_speed(Q7, moved, SHORT, "H200").tokens_per_s / estimate_speed(Q7, c, SHORT, "H200").tokens_per_s - 1
-    assert 0 < gain < OFFLOAD_MIN_GAIN
+    assert gain < OFFLOAD_MIN_GAIN
 
 
 def test_activations_in_host_ram_only_where_they_reach_further():

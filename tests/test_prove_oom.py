@@ -55,7 +55,7 @@ def test_dry_run_prints_the_commands_and_the_arithmetic(capsys):
     assert po.main(["--dry-run", "--work", "/w"]) == 0
     out = capsys.readouterr().out
     assert "vramfit train --preset 24gb --model /w/qwen2.5-0.5b --data /w/long.jsonl --out /w/oom-run" in out
-    assert "--ballast 34.1" in out and "micro-batch 8 needs" in out
+    assert "--ballast 34.2" in out and "micro-batch 8 needs" in out
 
 
 def test_needs_results_unless_dry_run():

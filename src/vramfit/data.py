@@ -526,6 +526,7 @@ class Collator:
 
     tokenizer: Any
     pad_to_multiple_of: int | None = None
+    max_len: int | None = None  # the rounding never pads past this (seq_len)
 
     def __post_init__(self) -> None:
         pad = self.tokenizer.pad_token_id
@@ -538,9 +539,11 @@ class Collator:
         import torch
 
         longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
+        # Only batches that pad anyway (config.py says why not a single sequence).
+        if self.pad_to_multiple_of and (len(features) > 1 or "position_ids" in features[0]):
             m = self.pad_to_multiple_of
-            longest = -(-longest // m) * m
+            rounded = -(-longest // m) * m
+            longest = max(longest, min(rounded, self.max_len)) if self.max_len else rounded
         if "position_ids" in features[0]:
             return self._packed(features, longest)
         out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}

@@ -144,6 +144,7 @@ def auto_fit(
     ds_pinned = any(k.startswith("deepspeed.") for k in pinned)
     acts_pinned = "train.offload_activations" in pinned
     longest = lengths.longest if lengths else None
+    shortest = lengths.shortest if lengths else None
 
     def search(
         zero: list[dict], method_list: list[str], offload_acts: bool = base.train.offload_activations if acts_pinned else False
@@ -177,7 +178,7 @@ def auto_fit(
                 )
                 if host_ram_bytes and offloaded_host_bytes(shape, cfg, dtype, longest) > host_ram_bytes * HOST_RAM_USABLE:
                     continue  # distributed.check would refuse it
-                peak = estimate(shape, cfg, dtype, "cuda", longest).peak_gib
+                peak = estimate(shape, cfg, dtype, "cuda", longest, shortest).peak_gib
                 speed = estimate_speed(shape, cfg, lengths, gpu_name).tokens_per_s
                 cand = Candidate(cfg, peak, speed)
                 if least is None or peak < least.peak_gib:

@@ -49,17 +49,17 @@ FUSED_CHUNK_COPIES = 2
 # sequences up to 1.4 GiB the allocator reserves beyond what is allocated); this empirical
 # residual keeps plans from under-predicting them. Fitted by scripts/fit_fused_residual.py
 # (non-negative least squares on the process peak's error relative to each run's peak,
-# under-predictions weighted twice) to 26 runs: the 12 of docs/benchmarks/calibration/
+# under-predictions weighted twice) to 29 runs: the 12 of docs/benchmarks/calibration/
 # fused.jsonl (0.5B-8B, seq 256-16384) and the benchmarks' runs with the fused loss
-# (micro-batch up to 16, seq up to 73k, the tiled MLP, checkpointed inputs in host RAM;
-# docs/benchmarks/speed/, savers/). Over those: worst 3.0% under, 9.9% over, median 2.0%.
-# Bytes per token of the micro-batch, per token and unit of intermediate_size, and per
-# micro_batch x seq_len^2. (Until session 6: per token and per seq^2 only, fitted to the 12
-# on allocated bytes; the 7B's micro-batch 16 at 512 tokens then measured 7.61 GiB against
-# 7.04 predicted.)
-FUSED_RESIDUAL_PER_TOKEN = 48_456
-FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE = 3.133
-FUSED_RESIDUAL_PER_SEQ2 = 0.685
+# (micro-batch up to 16, seq up to 73k, the tiled MLP, checkpointed inputs in host RAM,
+# liger's ops; docs/benchmarks/speed/, savers/). Over those: worst 2.6% under, 9.4% over,
+# median 1.9%. Bytes per token of the micro-batch, per token and unit of intermediate_size,
+# and per micro_batch x seq_len^2. Refitted in session 7 with the saved activations counted
+# tensor by tensor (below); session 6's fit to 26 runs had 48,456 / 3.133 / 0.685. (Until
+# session 6: per token and per seq^2 only, fitted to the 12 on allocated bytes.)
+FUSED_RESIDUAL_PER_TOKEN = 48_989
+FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE = 2.915
+FUSED_RESIDUAL_PER_SEQ2 = 0.377
 # ZeRO-3's stage3_max_live_parameters in configs/deepspeed/zero3*.json.
 ZERO3_MAX_LIVE_ELEMENTS = 1e9
 # With several ranks, NCCL's buffers and communicators also live outside the
@@ -85,14 +85,22 @@ LOSS_SLACK_ABOVE = 0.36
 # Fragmentation when the peak is not the loss (optimizer step, backward).
 OTHER_SLACK = 0.04
 
-# Saved activations per token and decoder layer, in 16-bit elements, fitted to the
-# runs without checkpointing: norms, rotary q/k, sdpa inputs and output, the gated
-# MLP's four intermediates (ACT_CORE x (4h + 2q + 2kv + 4i)); full fine-tuning also
-# keeps every linear layer's input for its weight gradient (2h + q + i); LoRA with
-# dropout keeps a dropped-out copy of each targeted layer's input plus its mask
-# (ACT_LORA_DROPOUT x in_features).
-ACT_CORE = 0.85
-ACT_LORA_DROPOUT = 1.41
+# Saved activations per token and decoder layer are counted tensor by tensor
+# (layer_activation_bytes), from what each op of transformers' decoder layer, PEFT's LoRA
+# layer and liger's kernels keep for backward under bf16 autocast. Checked on an H200 without
+# checkpointing by training each configuration at two depths of the same architecture (its
+# first 2 and 6 layers: everything outside the layers cancels in the difference;
+# scripts/calibration_matrix_layers.yaml, docs/benchmarks/calibration/layers/): Llama-3.1-8B,
+# Qwen2.5-0.5B/3B/7B, Mistral-7B and Phi-3-mini, QLoRA and LoRA, all-linear and q/v adapters,
+# LoRA dropout 0 and 0.05, liger's ops on and off. The count came within 0.2-0.8% of every
+# one (under), and ACT_OTHER covers that rest: attention's logsumexp, RMSNorm's rstd, the
+# adapters' rank-r intermediates, allocator rounding. bitsandbytes' 4-bit matmul keeps no
+# copy of its input (the pairs show none), so QLoRA keeps what LoRA keeps.
+ACT_OTHER = 0.01
+# LoRA dropout (p > 0) gives each adapted layer its own dropped-out copy of the input, which
+# its lora_A keeps (16-bit under autocast), and the dropout's bool mask: 3 bytes per input
+# feature at bf16. Without dropout every lora_A reads the layer's input itself.
+DROPOUT_MASK_BYTES = 1
 
 # train.offload_activations without grad_ckpt copies each saved tensor once per op that
 # saves it, and several ops save copies of the same input (each LoRA A its own cast or
@@ -240,27 +248,70 @@ def mlp_shards(hidden: int, seq: int) -> int:
     return max(1, -(-seq // hidden))
 
 
-def layer_activation_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq: int | None = None) -> float:
+# Which tensor a linear layer reads (what keeping its input for backward keeps): the
+# attention's normed input, the attention output, the MLP's normed input, the MLP's product.
+_INPUT_OF = {
+    "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in",
+    "o_proj": "attn_out", "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in", "down_proj": "mlp_mid",
+}  # fmt: skip
+
+
+def attention_mask_reaches_sdpa(cfg: RunConfig, seq: int, shortest: int | None = None) -> bool:
+    """Whether a micro-batch can carry padding, or packed rows, so that transformers hands
+    sdpa a mask. It drops an all-ones mask (the causal flag does), so only micro-batch 1
+    without packing, or a dataset whose every example fills seq_len, never has one."""
+    if cfg.data.packing:
+        return True
+    return cfg.train.micro_batch > 1 and not (shortest is not None and shortest >= seq)
+
+
+def layer_activation_bytes(
+    shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq: int | None = None, shortest: int | None = None
+) -> float:
     """Activations one decoder block saves for backward over one micro-batch of ``seq``
-    tokens (default seq_len). With kernels.tiled_mlp the MLP keeps only its input, and
-    its intermediates exist one chunk at a time (in the backward's recomputation)."""
+    tokens (default seq_len), tensor by tensor (ACT_OTHER above says how it was checked).
+    With kernels.tiled_mlp the MLP's intermediates exist one chunk at a time (in the
+    backward's recomputation). ``shortest``: see attention_mask_reaches_sdpa."""
     seq = seq or cfg.data.seq_len
+    b = dtype_bytes
     h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
     shards = mlp_shards(h, seq) if cfg.kernels.tiled_mlp else 1
-    # 2h per RMSNorm: ACT_CORE's 4h was fitted to blocks of two.
-    # liger's SwiGLU (kernels.liger_ops, not under the tiled MLP: render.py) keeps only the
-    # gate's and up's outputs, 2i where transformers' MLP keeps about 4i. Its RMSNorm also
-    # keeps less than transformers' fp32 one; not counted (the safe side). One H200 pair
-    # (docs/benchmarks/speed/7-8gb-liger-ops/: Qwen2.5-7B, 8192 tokens, checkpointing)
-    # measured 0.62 GiB less at the peak; this counts 0.49.
-    mlp_units = 2 * i if liger_swiglu(cfg) else 4 * i
-    units = ACT_CORE * (2 * shape.layer_norms * h + 2 * q + 2 * kv + mlp_units / shards)
+    liger_norm = cfg.kernels.liger_ops
+    eager = cfg.model.attn_implementation == "eager"
+    fused_qkv = "qkv_proj" in shape.layer_linears()
+    # RMSNorm: transformers' keeps its input upcast to fp32; liger's keeps the 16-bit input.
+    per_token = shape.layer_norms * h * (b if liger_norm else 4)
+    # Attention: the rotated query and key, the value and (sdpa, flash) the output. With grouped
+    # query heads, eager attention and sdpa given a mask (transformers' repeat_kv; without a
+    # mask sdpa takes enable_gqa) keep key and value repeated to every query head. A fused
+    # qkv projection's value is a view that keeps the whole projection output.
+    repeat = shape.kv_heads < shape.heads and (eager or attention_mask_reaches_sdpa(cfg, seq, shortest))
+    k_saved = q if repeat else kv
+    v_saved = q if repeat else (q + 2 * kv if fused_qkv else kv)
+    per_token += b * (q + k_saved + v_saved + (0 if eager else q))
+    # Gated MLP: transformers' keeps the gate's output (the activation's input), the
+    # activation's output and the up projection's output; liger's SwiGLU only the first and last.
+    per_token += b * (2 if liger_swiglu(cfg) else 3) * i / shards
+    # Inputs kept for a weight gradient: every linear layer's under full fine-tuning (plus
+    # each RMSNorm's normalized 16-bit input for its weight, in transformers' norm); a dropped-out
+    # copy and its mask per adapted layer under LoRA dropout; without dropout, each input an
+    # adapter reads, once. Sdpa's output, which o_proj reads, is kept already (not eager's copy).
+    sizes = {"attn_in": h, "attn_out": 0 if not eager else q, "mlp_in": h / shards, "mlp_mid": i / shards}
     if cfg.method == "full":
-        units += 2 * h + q + i / shards
+        per_token += b * sum(sizes.values()) + (0 if liger_norm else shape.layer_norms * h * b)
     elif cfg.lora.dropout > 0:
         linears = shape.layer_linears()
-        units += ACT_LORA_DROPOUT * sum(linears[t][0] / (shards if t in MLP_LINEARS else 1) for t in _targets(shape, cfg))
-    return cfg.train.micro_batch * seq * dtype_bytes * units + eager_attention_bytes(shape, cfg, dtype_bytes, seq)
+        per_token += (b + DROPOUT_MASK_BYTES) * sum(
+            linears[t][0] / (shards if t in MLP_LINEARS else 1) for t in _targets(shape, cfg)
+        )
+    else:
+        targets = _targets(shape, cfg)
+        per_token += b * sum(sizes[k] for k in {_INPUT_OF[t] for t in targets if t in _INPUT_OF})
+        # A layer this table does not know: its input counted as its own (the safe side).
+        linears = shape.layer_linears()
+        per_token += b * sum(linears[t][0] for t in targets if t not in _INPUT_OF)
+    tokens = cfg.train.micro_batch * seq
+    return tokens * per_token * (1 + ACT_OTHER) + eager_attention_bytes(shape, cfg, dtype_bytes, seq)
 
 
 def pinned_block_bytes(nbytes: float) -> float:
@@ -268,12 +319,24 @@ def pinned_block_bytes(nbytes: float) -> float:
     return float(1 << math.ceil(math.log2(nbytes))) if nbytes >= 1 else 0.0
 
 
-def _activation_sizes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, longest: int | None) -> tuple[float, float]:
+def longest_micro_batch(cfg: RunConfig, longest: int | None) -> int:
+    """The longest a micro-batch's sequences get: seq_len, or the longest example when
+    shorter, rounded up to data.pad_to_multiple_of (never past seq_len). Packed rows fill up
+    to seq_len whatever the longest example."""
+    seq = cfg.data.seq_len
+    if not longest or cfg.data.packing or longest >= seq:
+        return seq
+    m = (cfg.data.pad_to_multiple_of or 1) if cfg.train.micro_batch > 1 else 1  # as data.Collator pads
+    return min(seq, -(-longest // m) * m)
+
+
+def _activation_sizes(
+    shape: ModelShape, cfg: RunConfig, dtype_bytes: int, longest: int | None, shortest: int | None = None
+) -> tuple[float, float]:
     """(one decoder layer's input, one layer's saved activations) for the longest micro-batch."""
-    # Packed rows fill up to seq_len whatever the longest example (see estimate).
-    seq = min(cfg.data.seq_len, longest) if longest and not cfg.data.packing else cfg.data.seq_len
+    seq = longest_micro_batch(cfg, longest)
     block_input = cfg.train.micro_batch * seq * shape.hidden * dtype_bytes
-    return block_input, layer_activation_bytes(shape, cfg, dtype_bytes, seq)
+    return block_input, layer_activation_bytes(shape, cfg, dtype_bytes, seq, shortest)
 
 
 def offloaded_activation_gpu_bytes(layers: int, block_input: float, layer_acts: float, ckpt: bool) -> tuple[float, float]:
@@ -383,7 +446,8 @@ def fused_loss_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, head_trai
 
 
 def estimate(
-    shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", device: str = "cuda", longest: int | None = None
+    shape: ModelShape, cfg: RunConfig, dtype: str = "bfloat16", device: str = "cuda", longest: int | None = None,
+    shortest: int | None = None,
 ) -> MemoryBreakdown:
     """Peak bytes per GPU process for ``cfg`` on ``shape``; ``dtype`` is the resolved compute dtype.
 
@@ -391,7 +455,8 @@ def estimate(
     their longest example, so none is longer than min(seq_len, longest): that is the
     worst case, and a dataset of short examples never reaches seq_len. With
     ``data.packing`` a row holds several examples and fills up to seq_len, so
-    ``longest`` does not bound it.
+    ``longest`` does not bound it. ``shortest``: the shortest example, if known; a dataset
+    whose every example fills seq_len pads no micro-batch (attention_mask_reaches_sdpa).
     On ``device="cpu"`` the same tensors live in host RAM, without a CUDA context."""
     b = _dtype_bytes(dtype)
     world = cfg.world_size
@@ -444,9 +509,9 @@ def estimate(
         optimizer, opt_temp = _optimizer_bytes(shape, cfg, n_train, train_bytes)
     weights += gathered
 
-    seq = min(cfg.data.seq_len, longest) if longest and not cfg.data.packing else cfg.data.seq_len
+    seq = longest_micro_batch(cfg, longest)
     tokens = cfg.train.micro_batch * seq
-    block_input, layer_acts = _activation_sizes(shape, cfg, b, longest)
+    block_input, layer_acts = _activation_sizes(shape, cfg, b, longest, shortest)
     ckpt_inputs = shape.layers * block_input
     ckpt = cfg.train.grad_ckpt
     # Saved activations live at the loss, and in the backward (one block recomputed).

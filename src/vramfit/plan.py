@@ -187,7 +187,9 @@ def build_plan(
     if facts.has_gpu and config.world_size > facts.gpu_count * config.launch.nodes:
         notes.append(f"plan asks for {config.launch.gpus} GPUs per node but {facts.gpu_count} were detected here")
     device = "cuda" if facts.has_gpu else "cpu"
-    breakdown = estimate(shape, config, dtype, device, lengths.longest if lengths else None)
+    breakdown = estimate(
+        shape, config, dtype, device, lengths.longest if lengths else None, lengths.shortest if lengths else None
+    )
     if facts.has_gpu and facts.min_free_gib < breakdown.peak_gib <= (budget or 0):
         notes.append(
             f"only {facts.min_free_gib:.1f} GiB is free on the GPU now (other processes hold memory; see `vramfit detect`)"

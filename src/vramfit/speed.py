@@ -130,6 +130,10 @@ class LengthStats:
     def longest(self) -> int:
         return max(self.lengths)
 
+    @property
+    def shortest(self) -> int:
+        return min(self.lengths)
+
     def truncated_share(self, seq_len: int) -> float:
         return sum(1 for n in self.lengths if n > seq_len) / len(self.lengths)
 
@@ -274,7 +278,11 @@ def batch_lengths(cfg: RunConfig, lengths: LengthStats | None) -> tuple[float, f
         lengths = lengths.packed(seq)
     if lengths is None:
         return float(seq), float(seq)
-    return lengths.padded(seq, cfg.train.micro_batch), lengths.mean_cut(seq)
+    padded = lengths.padded(seq, cfg.train.micro_batch)
+    if cfg.data.pad_to_multiple_of and cfg.train.micro_batch > 1:  # as data.Collator pads
+        # Rounded up to the multiple: half of one on average, never past seq_len.
+        padded = min(float(seq), padded + cfg.data.pad_to_multiple_of / 2)
+    return padded, lengths.mean_cut(seq)
 
 
 def estimate_speed(shape: ModelShape, cfg: RunConfig, lengths: LengthStats | None, gpu_name: str | None) -> SpeedEstimate:

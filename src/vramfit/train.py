@@ -547,7 +547,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         args=args,
         train_dataset=train_ds,
         eval_dataset=val_ds,
-        data_collator=Collator(tokenizer),
+        data_collator=Collator(tokenizer, cfg.data.pad_to_multiple_of, cfg.data.seq_len),
         callbacks=[progress, *callbacks],
     )
     trainer.longest_first = longest_first
