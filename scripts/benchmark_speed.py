@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -104,6 +105,8 @@ class Seed:
     settings: tuple[Setting, ...]
     made_to_fit: dict[str, Any]  # the smallest change that makes it train under the cap
     made_to_fit_why: str
+    # Seed keys outside FAIR_KEYS that the auto rows keep too (the group is about them).
+    keep: tuple[str, ...] = ()
 
     def sets(self) -> dict[str, Any]:
         return {s.key: s.value for s in self.settings if s.key}
@@ -183,6 +186,12 @@ SEEDS: dict[str, Seed] = {
         made_to_fit_why="the guide's own first fallback ('Further Reduce Max Sequence Length': 1024); fewer tokens per example",
     ),
 }
+# The 8 GB guide's config on a 24 GB card, QLoRA kept (issue 4's MFU target is QLoRA 7B at
+# 24 GiB): with room to spare the planner can drop recomputation, which the 8 GB plan can't.
+SEEDS["8gb-qlora-at-24"] = dataclasses.replace(
+    SEEDS["8gb-qlora"], group="8gb-qlora-at-24", budget_gib=24, keep=("method",),
+    made_to_fit={}, made_to_fit_why="fits as written",
+)
 
 # Settings that shape what is learned: every run of a group uses the seed's values (taken from
 # the seed's resolved config), so that only memory/speed choices differ. The planner never
@@ -269,7 +278,14 @@ def unmapped(seed: Seed) -> list[Setting]:
 def mapping_markdown() -> str:
     """Every seed setting, the vramfit flag it became (or why none), as a markdown table."""
     out = []
+    seen: dict[str, str] = {}  # guide -> the first group of its settings
     for seed in SEEDS.values():
+        if seed.guide in seen:  # a variant of a guide's config on another card
+            kept = ", ".join(f"`{k}`" for k in seed.keep) or "nothing"
+            out.append(f"**{seed.group}**: the settings of **{seen[seed.guide]}** under `--budget {seed.budget_gib:g}`; "
+                       f"the auto rows also keep {kept}.\n")  # fmt: skip
+            continue
+        seen[seed.guide] = seed.group
         out.append(f"**{seed.group}**: `{seed.guide}`, base `--preset {seed.preset}`, `--budget {seed.budget_gib:g}`\n")
         out.append("| guide says | vramfit | note |\n|---|---|---|")
         for s in seed.settings:
@@ -373,20 +389,25 @@ def fair_sets(seed: Seed, model: str, data: str) -> dict[str, Any]:
 
     seed_flat = flat(resolve_seed(seed, model, data, None, seed.budget_gib).config.model_dump(mode="json"))
     default = flat(RunConfig().model_dump(mode="json"))
-    return {k: seed_flat[k] for k in FAIR_KEYS if k == "data.seq_len" or seed_flat[k] != default[k]}
+    fair = {k: seed_flat[k] for k in FAIR_KEYS if k == "data.seq_len" or seed_flat[k] != default[k]}
+    return {**fair, **{k: seed_flat[k] for k in seed.keep}}
 
 
 def planner_choice(sets: dict[str, Any], model: str, data: str, budget: float, shape, gpu_name: str | None,
                    host_ram: int | None, unpin: tuple[str, ...] = ()):  # fmt: skip
     """What `vramfit train --preset auto --budget B --set ...` plans (vramfit.fit.auto_fit on the
-    resolved config; with full-length data, the length statistics change nothing). ``unpin``:
+    resolved config, for data whose every example is longer than the sequence). ``unpin``:
     keys given to set the base config's values but left for the planner to change."""
     from vramfit.fit import auto_fit
     from vramfit.presets import resolve_layers
 
+    from vramfit.speed import LengthStats
+
     r = resolve_layers(None, None, _overrides(model, data, budget), [f"{k}={fmt_value(v)}" for k, v in sets.items()])
     pinned = {k for k, src in r.sources.items() if src != "default"} - set(unpin)
-    return auto_fit(r.config, pinned, shape, budget, gpu_name, None, "bfloat16", host_ram, fused_available=True)
+    # Every example of the data is longer than any sequence here (as the CLI finds when it plans).
+    full_length = LengthStats((1 << 20,))
+    return auto_fit(r.config, pinned, shape, budget, gpu_name, full_length, "bfloat16", host_ram, fused_available=True)
 
 
 def auto_sets(seed: Seed, model: str, data: str, gpu_name: str | None, host_ram: int | None,
@@ -445,7 +466,7 @@ def predicted_max_seq(case: CtxCase, model: str, data: str, gpu_name: str | None
 
     def fits(seq: int) -> bool:
         c = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": seq})})
-        return estimate(shape, c, "bfloat16", "cuda").peak_gib <= case.budget_gib
+        return estimate(shape, c, "bfloat16", "cuda", shortest=c.data.seq_len).peak_gib <= case.budget_gib
 
     edge = bisect(fits)
     return edge, cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": edge})})
@@ -503,7 +524,7 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
         n = steps if budget else uncapped_steps
         argv = ["train", "--preset", seed.preset, *(["--budget", f"{budget:g}"] if budget else []), "--model", model,
                 "--data", data, "--out", str(out), *set_flags({**seed.sets(), **extra, **common, "train.max_steps": n})]  # fmt: skip
-        peak = estimate(shape, r.config, "bfloat16", "cuda").peak_gib
+        peak = estimate(shape, r.config, "bfloat16", "cuda", shortest=r.config.data.seq_len).peak_gib
         return Row("speed", seed.group, config, seed.arch, seed.budget_gib, argv, budget is not None, peak,
                    run_seconds(seed.arch, r.config, n, gpu_name), intended=r.config.model_dump(mode="json"), **kw)  # fmt: skip
 
@@ -527,7 +548,7 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
                 "--out", str(out), *set_flags({**sets, **common})]  # fmt: skip
         if cfg is None:
             cfg, _ = planner_choice(sets, model, data, seed.budget_gib, shape, gpu_name, host_ram)
-        peak = estimate(shape, cfg, "bfloat16", "cuda").peak_gib
+        peak = estimate(shape, cfg, "bfloat16", "cuda", shortest=cfg.data.seq_len).peak_gib
         why = {
             "vramfit-auto": "planner's own plan",
             "vramfit-auto-fused": "planner's plan with the fused loss pinned on (auto-fit turns it on itself only where it buys a faster plan)",
@@ -581,7 +602,7 @@ def ctx_rows(case: CtxCase, work: Path, steps: int, gpu_name: str | None, host_r
                 row.est_s = 20.0
             else:
                 row.intended = cfg.model_dump(mode="json")
-                row.predicted_peak_gib = estimate(shape, cfg, "bfloat16", "cuda").peak_gib
+                row.predicted_peak_gib = estimate(shape, cfg, "bfloat16", "cuda", shortest=cfg.data.seq_len).peak_gib
                 row.est_s = run_seconds(case.arch, cfg, steps, gpu_name) + 5.0  # + the dataset
                 row.note = f"seq {seq}: {cfg.method}, checkpointing {'on' if cfg.train.grad_ckpt else 'off'}"
             rows.append(row)

@@ -319,3 +319,15 @@ def test_archive_holds_every_finished_run_and_is_replaced_whole(tmp_path):
         assert tar.extractfile("bench/speed.jsonl").read().count(b"\n") == 2
     assert not dest.with_name("bench.tgz.tmp").exists()
     bs.archive(results, None)  # no --archive: nothing written
+
+
+def test_the_8gb_guide_on_a_24gb_card_keeps_qlora_and_the_guides_adapter_and_batch():
+    seed = bs.SEEDS["8gb-qlora-at-24"]
+    assert seed.budget_gib == 24 and seed.settings == bs.SEEDS["8gb-qlora"].settings
+    sets, how, cfg = bs.auto_sets(seed, MODEL, DATA, "NVIDIA H200", None)
+    assert sets["method"] == "qlora"  # kept: the MFU target is QLoRA 7B at 24 GiB
+    assert sets["lora.r"] == 8 and sets["lora.target_modules"] == ["q_proj", "v_proj"] and sets["data.seq_len"] == 512
+    assert cfg.method == "qlora" and cfg.train.micro_batch * cfg.train.grad_accum == 32
+    # The 8 GB group's own auto row leaves the method to the planner.
+    assert "method" not in bs.auto_sets(bs.SEEDS["8gb-qlora"], MODEL, DATA, "NVIDIA H200", None)[0]
+    assert "**8gb-qlora-at-24**: the settings of **8gb-qlora** under `--budget 24`" in bs.mapping_markdown()
