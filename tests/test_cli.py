@@ -452,3 +452,22 @@ def test_launcher_exit_1_with_preemption_note_is_a_preemption(tmp_path, marker, 
     r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == code, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_plan_auto_with_a_budget_plans_for_that_card_without_a_gpu_here(work):
+    # Planning before renting: no GPU here, --budget names the card.
+    r = invoke("plan", "--preset", "auto", "--budget", 8, "--out", work / "card")
+    assert r.exit_code == 0, r.output
+    assert "1 GPU bfloat16" in r.output and "of 8 GiB (--budget): fits" in r.output
+    assert "planned for a GPU of 8 GiB: this machine has none" in r.output
+    plan = yaml.safe_load((work / "card" / "plan.yaml").read_text())
+    assert plan["device"] == "cuda" and plan["config"]["budget_gib"] == 8.0
+    # Training it here is refused up front, with the run directory kept as it was.
+    before = sorted(p.name for p in (work / "card").iterdir())
+    assert_clean_error(invoke("train", "--resume", "--out", work / "card"), 2, "was planned for a GPU, and this machine has none")
+    assert sorted(p.name for p in (work / "card").iterdir()) == before
+    # `vramfit train --preset auto` still refuses here: it would train at once.
+    assert_clean_error(invoke("train", "--preset", "auto", "--budget", 8, "--out", work / "t"), 3, "no NVIDIA GPU was found")
+    assert not (work / "t").exists()
+    # Without --budget there is no card to plan for.
+    assert_clean_error(invoke("plan", "--preset", "auto", "--out", work / "n"), 3, "no NVIDIA GPU was found")

@@ -181,7 +181,11 @@ def _launch_overrides(gpus, nodes, node_rank, master_addr, master_port) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote_code=False, price=None, launch=None):
+def _make_plan(
+    model, preset, data, budget, config_file, set_items, trust_remote_code=False, price=None, launch=None, elsewhere=False
+):
+    """The plan for these flags. ``elsewhere`` (`vramfit plan`): without a GPU here,
+    `--preset auto --budget B` plans for a GPU of B GiB, to train where there is one."""
     if budget is not None and not budget > 0:
         raise UsageError(f"--budget must be a positive number of GiB, got {budget:g}", "e.g. --budget 8 for an 8 GB card")
     if price is not None and not price >= 0:
@@ -194,6 +198,13 @@ def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote
 
     facts = probe()
     auto = preset == "auto"
+    for_card = elsewhere and auto and budget is not None and not facts.has_gpu
+    if for_card:
+        # Plan before renting: a made-up card of the budget's size (its speed as an unknown
+        # GPU's, host RAM 64 GiB), never trained here (train refuses a GPU plan without one).
+        from .hardware import fake_facts
+
+        facts = fake_facts(budget, count=int((launch or {}).get("gpus", 1)), name="a GPU of --budget")
     if preset is None:
         # No preset named: the card preset for the detected GPU (or --budget).
         cards = {p.name: p.card_gib for p in list_presets()}
@@ -217,7 +228,10 @@ def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote
     if auto and not facts.has_gpu:
         from .errors import FitError
 
-        raise FitError("--preset auto fits a plan to a GPU's memory, and no NVIDIA GPU was found", "use --preset cpu here")
+        raise FitError(
+            "--preset auto fits a plan to a GPU's memory, and no NVIDIA GPU was found",
+            "use --preset cpu here, or `vramfit plan --preset auto --budget GIB` to plan for a card you will train on",
+        )
     resolved = resolve_layers(None if auto else preset, config_file, overrides, set_items)
     # --preset auto and the multi-gpu preset plan for every GPU of this machine, unless
     # --gpus (or a --set/--config) says otherwise.
@@ -255,6 +269,11 @@ def _make_plan(model, preset, data, budget, config_file, set_items, trust_remote
     plan = build_plan(config, shape, facts, sources, "auto" if auto else preset, lengths, len(records), price)
     plan.choices = choices
     plan.notes.append(f"data: {d.path or 'shipped demo set'} ({fmt})")
+    if for_card:
+        plan.notes.append(
+            f"planned for a GPU of {budget:g} GiB: this machine has none (host RAM taken as 64 GiB, speed as an unknown "
+            "GPU's); copy the run directory to one and start it there with `vramfit train --resume --out RUN_DIR`"
+        )
     return plan
 
 
@@ -362,7 +381,7 @@ def plan(
     from .render import write_run_dir
 
     launch = _launch_overrides(gpus, nodes, node_rank, master_addr, master_port)
-    p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code, price, launch)
+    p = _make_plan(model, preset, data, budget, config, set_, trust_remote_code, price, launch, elsewhere=True)
     require_fit(p)
     run_dir = write_run_dir(p, out or _default_out(p))
     if as_json:
@@ -410,6 +429,14 @@ def train(
         if any(x is not None for x in (model, preset, data, budget, config, price)) or set_ or trust_remote_code or ignored:
             typer.echo("note: --resume continues the run as planned; other options are ignored", err=True)
         run_dir = out.expanduser().resolve()
+        if doc.get("device") == "cuda":
+            from .hardware import detect as probe
+
+            if not probe().has_gpu:  # a plan made for a card (`vramfit plan --budget`), not trainable here
+                raise UsageError(
+                    f"{run_dir} was planned for a GPU, and this machine has none",
+                    "train it on a machine with an NVIDIA GPU: copy the run directory there and run the same command",
+                )
         node_env = {}
         if "node_rank" in launch:
             planned_nodes = int(doc["config"].get("launch", {}).get("nodes", 1))
