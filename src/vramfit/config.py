@@ -129,7 +129,7 @@ class KernelsConfig(_Section):
     liger_ops: bool = False
     # Each decoder layer's MLP computed over chunks of about `hidden` tokens of the sequence
     # (DeepSpeed's TiledMLP), and recomputed chunk by chunk in the backward: its
-    # intermediates (4 x intermediate_size values per token, most of a layer's activations)
+    # intermediates (3 x intermediate_size values per token, most of a layer's activations)
     # exist for one chunk at a time. One more MLP forward per step: for long sequences.
     tiled_mlp: bool = False
 

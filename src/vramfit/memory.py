@@ -319,6 +319,12 @@ def pinned_block_bytes(nbytes: float) -> float:
     return float(1 << math.ceil(math.log2(nbytes))) if nbytes >= 1 else 0.0
 
 
+def pad_multiple(cfg: RunConfig) -> int:
+    """What a micro-batch's length is rounded up to: data.pad_to_multiple_of where the batch
+    holds several sequences, as data.Collator pads (a single one is never rounded), else 1."""
+    return (cfg.data.pad_to_multiple_of or 1) if cfg.train.micro_batch > 1 else 1
+
+
 def longest_micro_batch(cfg: RunConfig, longest: int | None) -> int:
     """The longest a micro-batch's sequences get: seq_len, or the longest example when
     shorter, rounded up to data.pad_to_multiple_of (never past seq_len). Packed rows fill up
@@ -326,7 +332,7 @@ def longest_micro_batch(cfg: RunConfig, longest: int | None) -> int:
     seq = cfg.data.seq_len
     if not longest or cfg.data.packing or longest >= seq:
         return seq
-    m = (cfg.data.pad_to_multiple_of or 1) if cfg.train.micro_batch > 1 else 1  # as data.Collator pads
+    m = pad_multiple(cfg)
     return min(seq, -(-longest // m) * m)
 
 

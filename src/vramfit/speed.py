@@ -30,7 +30,7 @@ from functools import lru_cache
 
 from .config import RunConfig
 from .data import pack_rows
-from .memory import MLP_LINEARS, OFFLOAD_SAVED_COPIES_GPU, mlp_shards, offloaded_activation_transfer_bytes
+from .memory import MLP_LINEARS, OFFLOAD_SAVED_COPIES_GPU, mlp_shards, offloaded_activation_transfer_bytes, pad_multiple
 from .model_shape import ModelShape
 
 # Dense bf16 tensor throughput (TFLOP/s, no sparsity) by GPU name, from the vendors'
@@ -278,11 +278,10 @@ def batch_lengths(cfg: RunConfig, lengths: LengthStats | None) -> tuple[float, f
         lengths = lengths.packed(seq)
     if lengths is None:
         return float(seq), float(seq)
-    padded = lengths.padded(seq, cfg.train.micro_batch)
-    if cfg.data.pad_to_multiple_of and cfg.train.micro_batch > 1:  # as data.Collator pads
-        # Rounded up to the multiple: half of one on average, never past seq_len.
-        padded = min(float(seq), padded + cfg.data.pad_to_multiple_of / 2)
-    return padded, lengths.mean_cut(seq)
+    # Rounded up to the multiple (memory.pad_multiple): half of one on average, never past seq_len.
+    m = pad_multiple(cfg)
+    padded = lengths.padded(seq, cfg.train.micro_batch) + (m / 2 if m > 1 else 0.0)
+    return min(float(seq), padded), lengths.mean_cut(seq)
 
 
 def estimate_speed(shape: ModelShape, cfg: RunConfig, lengths: LengthStats | None, gpu_name: str | None) -> SpeedEstimate:
