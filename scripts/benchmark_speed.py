@@ -192,6 +192,9 @@ SEEDS["8gb-qlora-at-24"] = dataclasses.replace(
     SEEDS["8gb-qlora"], group="8gb-qlora-at-24", budget_gib=24, keep=("method",),
     made_to_fit={}, made_to_fit_why="fits as written",
 )
+# The 24 GB guide's config with its method kept too (issue 4: "the seed 24 GB config's model,
+# method and rank"): 16-bit LoRA, where the planner of group 24gb-lora takes QLoRA.
+SEEDS["24gb-lora-method-kept"] = dataclasses.replace(SEEDS["24gb-lora"], group="24gb-lora-method-kept", keep=("method",))
 
 # Settings that shape what is learned: every run of a group uses the seed's values (taken from
 # the seed's resolved config), so that only memory/speed choices differ. The planner never

@@ -454,6 +454,22 @@ def _gpu_turn(path: str | None):
     return fh
 
 
+def _memory_history(path: str | None, device: str):
+    """For calibration (scripts/backward_peak_report.py): with VRAMFIT_MEMORY_HISTORY=FILE on
+    a GPU, record every allocation of the training loop with its Python stack, and return
+    the function that writes torch's memory snapshot to FILE when it ends. The record of
+    what is alive at the peak is how the memory model's terms are checked one by one."""
+    if not path or device != "cuda":
+        return None
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+
+    def dump() -> None:
+        torch.cuda.memory._dump_snapshot(path)
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+    return dump
+
+
 def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     from .data import Collator, build_datasets
 
@@ -575,9 +591,12 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         _mark_preempted(run_dir, None, rank0)
         raise Preempted("stopped by a signal before training started; nothing to save", "rerun the same command to start")
     gate = _gpu_turn(os.environ.get("VRAMFIT_GPU_TURN"))  # noqa: F841 (held until exit)
+    history = _memory_history(os.environ.get("VRAMFIT_MEMORY_HISTORY"), doc["device"])
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
+    if history:
+        history()
     if preemption.stopped_at is not None and not is_final(trainer.state.global_step, trainer.state.max_steps):
         log(f"preempted: checkpoint saved at step {preemption.stopped_at}")
         _mark_preempted(run_dir, preemption.stopped_at, rank0)
