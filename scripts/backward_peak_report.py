@@ -47,8 +47,14 @@ def owner(frames: list[dict]) -> str:
 
 def in_backward(frames: list[dict]) -> bool:
     """Made during backward: under autograd's engine (a recomputed checkpoint, a custom
-    Function's backward) or from C++ with no Python frame at all."""
-    return not frames or any("_engine_run_backward" in f.get("name", "") or f.get("name") == "backward" for f in frames)
+    Function's backward) or from C++ with no Python frame at all. Autograd runs a CUDA
+    backward on its own thread, whose Python stack starts at the hook or Function it calls."""
+    if not frames:
+        return True
+    names = [f.get("name", "") for f in frames]
+    return any("_engine_run_backward" in n or n in ("backward", "unpack_hook", "recompute_fn") for n in names) or not any(
+        n in ("training_step", "_inner_training_loop", "train") for n in names
+    )
 
 
 def units(size: int, tokens: int, hidden: int, inter: int, vocab: int) -> str:
@@ -117,6 +123,8 @@ def main() -> int:
     ev = r["peak_event"]
     if ev:
         print(f"  the allocation that made the peak: {ev['size'] / 2**20:.1f} MiB by {owner(ev.get('frames') or [])}")
+        print("  its stack, innermost first: " + " < ".join(
+            f"{f.get('filename', '?').rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name')}" for f in (ev.get("frames") or [])[:25]))
     out = []
     for (who, bwd), sizes in rows[: a.top]:
         common = collections.Counter(units(s, tokens, hidden, inter, vocab) for s in sizes).most_common(4)

@@ -39,6 +39,8 @@ def test_the_peak_and_what_is_alive_there():
 def test_owner_units_and_phase():
     assert owner(LORA).startswith("peft/tuners/lora/layer.py:7")
     assert owner([]).startswith("(no python frame")
-    assert in_backward([]) and not in_backward(LORA)
-    assert in_backward(LORA + [{"filename": "torch/autograd/graph.py", "line": 1, "name": "_engine_run_backward"}])
+    step = [{"filename": "transformers/trainer.py", "line": 1, "name": "training_step"}]
+    assert in_backward([]) and not in_backward(LORA + step)
+    assert in_backward(LORA + [{"filename": "torch/autograd/graph.py", "line": 1, "name": "_engine_run_backward"}] + step)
+    assert in_backward(LORA)  # autograd's own thread: a recomputed forward, no trainer frames
     assert units(2 * 10 * 7, 10, 7, 30, 100) == "t*h*2B" and units(4 * 10 * 30, 10, 7, 30, 100) == "t*i*4B"
