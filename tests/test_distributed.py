@@ -382,9 +382,11 @@ def test_fused_loss_refused_without_gpu_and_for_unsupported_architectures(no_gpu
         plan_for(["kernels.fused_loss=true"], shape=dataclasses.replace(QWEN7B, model_type="gpt2"), facts=fake_facts(24))
 
 
-def test_parameter_offload_carries_the_measured_under_prediction():
+def test_parameter_offload_carries_no_under_prediction_note_any_more():
+    # Session 8's backward terms predict the one offload run (5.39 GiB measured) within 5%
+    # (tests/test_memory.py): the plan no longer warns of an under-prediction there.
     plan = plan_for(["deepspeed.stage=3", "deepspeed.offload_params=true", "deepspeed.offload_optimizer=true", "launch.gpus=1"])
-    assert any("parameter offload is under-predicted" in n and "5.39" in n for n in plan.notes)
+    assert not any("under-predicted" in n for n in plan.notes)
 
 
 FAKE_LAUNCHER = r'''

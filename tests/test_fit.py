@@ -200,17 +200,19 @@ def test_activations_stay_on_the_gpu_when_the_longest_sequence_fits():
 
 
 def test_activations_in_host_ram_for_a_bigger_micro_batch_when_it_clearly_pays():
-    # The 8 GB speed benchmark: every example 512 tokens, effective batch 32. Checkpointed
+    # The 8 GB speed benchmark: every example 512 tokens, effective batch 32, the fused loss
+    # and liger's ops (where liger-kernel is installed auto-fit turns them on). Checkpointed
     # layer inputs in host RAM free enough for micro-batch 16, predicted far faster than the
     # 8 the GPU holds with them on it; the copies cost a few percent.
     full = LengthStats((512,) * 64)
     qv = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}  # the 8 GB guide's adapter
-    c, why, peak = fitted(8, lengths=full, train={"micro_batch": 1, "grad_accum": 32}, lora=qv, **FUSED)
+    liger = {"pinned": {"kernels.fused_loss", "kernels.liger_ops"}, "kernels": {"fused_loss": True, "liger_ops": True}}
+    c, why, peak = fitted(8, lengths=full, train={"micro_batch": 1, "grad_accum": 32}, lora=qv, **liger)
     assert c.train.offload_activations and c.train.grad_ckpt and peak <= 8 * (1 - SAFETY_MARGIN)
     line = next(x for x in why if x.startswith("train.offload_activations"))
     assert "so a faster plan fits" in line and "with them on the GPU" in line
-    on_gpu, _, _ = fitted(8, lengths=full, pinned={"kernels.fused_loss", "train.offload_activations"},
-                          train={"micro_batch": 1, "grad_accum": 32}, lora=qv, kernels={"fused_loss": True})  # fmt: skip
+    on_gpu, _, _ = fitted(8, lengths=full, pinned=liger["pinned"] | {"train.offload_activations"},
+                          train={"micro_batch": 1, "grad_accum": 32}, lora=qv, kernels=liger["kernels"])  # fmt: skip
     assert on_gpu.train.micro_batch < c.train.micro_batch
     fast, slow = (estimate_speed(Q7, x, full, "H200").tokens_per_s for x in (c, on_gpu))
     assert fast > slow * (1 + OFFLOAD_MIN_GAIN)

@@ -31,9 +31,6 @@ OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 LOOPBACK = ("127.", "localhost", "::1", "0.0.0.0")
 # (predicted, measured) GiB per GPU for QLoRA 7B under ZeRO-3 on 2 H200s.
 QLORA_ZERO3_MEASURED_GIB = (9.3, 13.9)
-# (predicted, measured) GiB for the 8 GB seed route (3B LoRA r64, seq 4096, ZeRO-3 with
-# parameter and optimizer offload, fused loss) on 1 H200.
-OFFLOAD_MEASURED_GIB = (4.94, 5.39)
 
 
 def offloaded_host_bytes(shape: ModelShape, cfg: RunConfig, dtype: str, longest: int | None = None) -> float:
@@ -90,11 +87,6 @@ def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str, l
             f"QLoRA under ZeRO-3 is under-predicted: on 2 H200s a 7B measured {QLORA_ZERO3_MEASURED_GIB[1]} GiB per GPU "
             f"against {QLORA_ZERO3_MEASURED_GIB[0]} predicted (docs/benchmarks/distributed.md); keep ~50% headroom, "
             "or use ZeRO-2 (QLoRA's 4-bit weights are small enough to replicate)"
-        )
-    if ds.offload_params:
-        notes.append(
-            f"ZeRO-3 parameter offload is under-predicted by up to ~10%: the 8 GB seed route (3B LoRA r64, seq 4096) "
-            f"measured {OFFLOAD_MEASURED_GIB[1]} GiB against {OFFLOAD_MEASURED_GIB[0]} predicted (docs/benchmarks/distributed.md)"
         )
     if ds.stage and cfg.world_size == 1 and not (ds.offload_optimizer or ds.offload_params):
         notes.append(

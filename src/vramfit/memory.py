@@ -57,9 +57,10 @@ FUSED_CHUNK_COPIES = 2
 # and per micro_batch x seq_len^2. Refitted in session 7 with the saved activations counted
 # tensor by tensor (below); session 6's fit to 26 runs had 48,456 / 3.133 / 0.685. (Until
 # session 6: per token and per seq^2 only, fitted to the 12 on allocated bytes.)
-FUSED_RESIDUAL_PER_TOKEN = 48_989
-FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE = 2.915
-FUSED_RESIDUAL_PER_SEQ2 = 0.377
+FUSED_RESIDUAL_PER_TOKEN_HIDDEN = 24.441
+FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE = 3.043
+FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE_LIGER = 0.000
+FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE_ADAPTED = 4.061
 # ZeRO-3's stage3_max_live_parameters in configs/deepspeed/zero3*.json.
 ZERO3_MAX_LIVE_ELEMENTS = 1e9
 # With several ranks, NCCL's buffers and communicators also live outside the
@@ -231,14 +232,22 @@ def liger_swiglu(cfg: RunConfig) -> bool:
     return cfg.kernels.liger_ops and not cfg.kernels.tiled_mlp
 
 
-def fused_residual_bytes(shape: ModelShape, micro_batch: int, seq: int) -> float:
+def fused_residual_features(shape: ModelShape, cfg: RunConfig, seq: int) -> list[float]:
+    """What FUSED_RESIDUAL_* multiply, for one micro-batch of ``seq`` tokens: tokens x hidden,
+    and tokens x intermediate_size without and with liger's SwiGLU (under the tiled MLP, one
+    chunk's tokens: its backward works a chunk at a time)."""
+    tokens = cfg.train.micro_batch * seq
+    liger = liger_swiglu(cfg)
+    mlp = tokens * shape.intermediate / (mlp_shards(shape.hidden, seq) if cfg.kernels.tiled_mlp else 1)
+    down = cfg.uses_adapter and any(t in ("down_proj",) for t in _targets(shape, cfg))
+    return [tokens * shape.hidden, 0.0 if liger else mlp, mlp if liger else 0.0, mlp if down else 0.0]
+
+
+def fused_residual_bytes(shape: ModelShape, cfg: RunConfig, seq: int) -> float:
     """The fused loss's empirical residual (FUSED_RESIDUAL_*) for one micro-batch."""
-    tokens = micro_batch * seq
-    return (
-        FUSED_RESIDUAL_PER_TOKEN * tokens
-        + FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE * tokens * shape.intermediate
-        + FUSED_RESIDUAL_PER_SEQ2 * micro_batch * seq * seq
-    )
+    coef = (FUSED_RESIDUAL_PER_TOKEN_HIDDEN, FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE, FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE_LIGER,
+            FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE_ADAPTED)
+    return sum(c * f for c, f in zip(coef, fused_residual_features(shape, cfg, seq)))
 
 
 def mlp_shards(hidden: int, seq: int) -> int:
@@ -314,6 +323,37 @@ def layer_activation_bytes(
     return tokens * per_token * (1 + ACT_OTHER) + eager_attention_bytes(shape, cfg, dtype_bytes, seq)
 
 
+def layer_transient_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq: int | None = None) -> float:
+    """What a decoder layer holds for a moment beyond what it saves, while it computes (its
+    forward, or its recomputation in the backward), over one micro-batch of ``seq`` tokens.
+    Seen in memory snapshots at the peak (scripts/backward_peak_report.py,
+    docs/benchmarks/calibration/snapshots/), and invisible to the two-depth pairs above
+    (the same in both):
+
+    - the MLP's product, the down projection's input: alive until that projection has run,
+      unless it is kept anyway (full fine-tuning; an adapter on down_proj without dropout);
+    - 16-bit LoRA: PEFT casts an adapted layer's input to the adapters' fp32
+      (lora/layer.py, ``_cast_input_dtype``) and its dropout makes a second fp32 tensor,
+      both alive while lora_A runs: 4 (8 with dropout) bytes per input feature, largest at
+      the widest adapted layer (down_proj: the product is alive beside them).
+      bitsandbytes' LoRA layers cast only outside autocast, and the Trainer's 16-bit runs
+      are inside it."""
+    seq = seq or cfg.data.seq_len
+    shards = mlp_shards(shape.hidden, seq) if cfg.kernels.tiled_mlp else 1
+    product = shape.intermediate / shards * dtype_bytes
+    targets = _targets(shape, cfg) if cfg.uses_adapter else []
+    if cfg.method == "full" or (cfg.lora.dropout == 0 and "down_proj" in targets):
+        product = 0.0
+    widest = product
+    if cfg.method == "lora" and dtype_bytes < 4:
+        linears = shape.layer_linears()
+        per_feature = 8 if cfg.lora.dropout > 0 else 4
+        for t in targets:
+            width = linears[t][0] / (shards if t in MLP_LINEARS else 1)
+            widest = max(widest, width * per_feature + (product if t == "down_proj" else 0.0))
+    return cfg.train.micro_batch * seq * widest
+
+
 def pinned_block_bytes(nbytes: float) -> float:
     """Host bytes a pinned copy takes: the CachingHostAllocator rounds to a power of two."""
     return float(1 << math.ceil(math.log2(nbytes))) if nbytes >= 1 else 0.0
@@ -338,11 +378,12 @@ def longest_micro_batch(cfg: RunConfig, longest: int | None) -> int:
 
 def _activation_sizes(
     shape: ModelShape, cfg: RunConfig, dtype_bytes: int, longest: int | None, shortest: int | None = None
-) -> tuple[float, float]:
-    """(one decoder layer's input, one layer's saved activations) for the longest micro-batch."""
+) -> tuple[float, float, float]:
+    """(one decoder layer's input, one layer's saved activations, what the layer holds for a
+    moment beyond them) for the longest micro-batch."""
     seq = longest_micro_batch(cfg, longest)
     block_input = cfg.train.micro_batch * seq * shape.hidden * dtype_bytes
-    return block_input, layer_activation_bytes(shape, cfg, dtype_bytes, seq, shortest)
+    return block_input, layer_activation_bytes(shape, cfg, dtype_bytes, seq, shortest), layer_transient_bytes(shape, cfg, dtype_bytes, seq)
 
 
 def offloaded_activation_gpu_bytes(layers: int, block_input: float, layer_acts: float, ckpt: bool) -> tuple[float, float]:
@@ -372,7 +413,7 @@ def offloaded_activation_transfer_bytes(
     OFFLOAD_SAVED_COPIES_GPU for PCIe time, as measured)."""
     if not cfg.train.offload_activations:
         return 0.0
-    block_input, layer_acts = _activation_sizes(shape, cfg, _dtype_bytes(dtype), longest)
+    block_input, layer_acts, _ = _activation_sizes(shape, cfg, _dtype_bytes(dtype), longest)
     if cfg.train.grad_ckpt:
         return shape.layers * block_input
     return shape.layers * layer_acts * copies
@@ -386,7 +427,7 @@ def offloaded_activation_host_bytes(
     micro-batch to the next). 0 without it."""
     if not cfg.train.offload_activations:
         return 0.0
-    block_input, _ = _activation_sizes(shape, cfg, _dtype_bytes(dtype), longest)
+    block_input, _, _ = _activation_sizes(shape, cfg, _dtype_bytes(dtype), longest)
     if cfg.train.grad_ckpt:
         per_gpu = shape.layers * pinned_block_bytes(block_input)
     else:
@@ -517,7 +558,7 @@ def estimate(
 
     seq = longest_micro_batch(cfg, longest)
     tokens = cfg.train.micro_batch * seq
-    block_input, layer_acts = _activation_sizes(shape, cfg, b, longest, shortest)
+    block_input, layer_acts, transient = _activation_sizes(shape, cfg, b, longest, shortest)
     ckpt_inputs = shape.layers * block_input
     ckpt = cfg.train.grad_ckpt
     # Saved activations live at the loss, and in the backward (one block recomputed).
@@ -527,7 +568,15 @@ def estimate(
         # On a CPU run host RAM is where they already are.
         saved, in_backward = offloaded_activation_gpu_bytes(shape.layers, block_input, layer_acts, ckpt)
     mask = eager_mask_bytes(cfg, b, seq)
-    saved, in_backward = saved + mask, in_backward + mask
+    # A recomputed layer in the backward holds its transient beside the layer inputs still
+    # kept; without checkpointing the last layer's forward holds it beside every saved
+    # activation, which the loss's peak takes over from where the logits weigh more. With
+    # every saved tensor in host RAM and no checkpointing it is not counted: the two H200
+    # runs there (fused loss below) measured under the terms without it.
+    if cfg.train.offload_activations and not ckpt and device == "cuda":
+        transient = 0.0
+    recomputed = transient if ckpt else 0.0  # without checkpointing the backward recomputes nothing
+    saved, in_backward = saved + mask, in_backward + mask + recomputed
     if cfg.kernels.fused_loss:
         logits = fused_loss_bytes(shape, tokens, b, head_trainable=cfg.method == "full")
         loss_slack = OTHER_SLACK * logits
@@ -535,16 +584,23 @@ def estimate(
         # each layer on the GPU as the runs above do, and its four H200 runs
         # (docs/benchmarks/savers/, Qwen2.5-7B 8k-16k, Llama-3.1-8B 21k-22k) needed 0.2 GiB
         # less to 0.6 GiB more than the residual gives (-6.1% to +3.1% in all).
-        residual = fused_residual_bytes(shape, cfg.train.micro_batch, seq)
+        residual = fused_residual_bytes(shape, cfg, seq)
         if cfg.train.offload_activations and not ckpt and device == "cuda":
             # Without checkpointing, with every saved tensor in host RAM, the two H200 runs
             # (docs/benchmarks/speed/2-max-context/: Qwen2.5-7B at 14,208 tokens, Llama-3.1-8B
             # at 3,456) measured 0.2-0.3 GiB under the terms above without the residual: none
             # of it is left on the GPU there.
             residual = 0.0
-        logits += residual
-        in_backward += residual
+        # A layer's backward and its recomputation do not overlap: the backward holds the
+        # larger of the recomputation's transient and the residual (the backward's own).
+        # Without checkpointing the backward starts with every saved activation still held:
+        # the residual counts at the loss.
+        late_extra = max(residual - recomputed, 0.0)
+        in_backward += late_extra
+        if not ckpt:
+            logits += residual
     else:
+        late_extra = 0.0
         # Logit softcapping (gemma2: tanh(logits / c) * c) keeps tanh's 16-bit output for
         # backward through the loss's peak (counted on CPU; the fused loss caps in its chunks).
         logits = tokens * shape.vocab * (LOSS_BYTES + (b if shape.final_softcap else 0))
@@ -564,9 +620,31 @@ def estimate(
     # With accumulation, every micro-batch after the first reaches its loss with the
     # gradients of the ones before it still held (they are zeroed only after the step).
     accumulated = gradients if cfg.train.grad_accum > 1 else 0.0
+    # The backward frees each layer's saved activations as it makes that layer's gradients.
+    # With accumulation (or DeepSpeed's gradient buffers) the gradients of the micro-batches
+    # before are held throughout; with one micro-batch per step they do not exist yet when
+    # the backward starts (the Trainer sets them to None after each step), so its peak is at
+    # the start, every saved activation still held, or at the end, every gradient made: a
+    # memory snapshot of the 7B QLoRA r128 all-linear plan at micro-batch 16 (H200,
+    # scripts/backward_peak_report.py) had 4.4 GiB of layer inputs and no gradients at the peak.
+    # Adapters only: full fine-tuning makes the output head's gradient (the embeddings' where
+    # they are tied) as its backward starts.
+    if accumulated or stage or not cfg.uses_adapter:
+        backward = (base + gradients + in_backward, {"gradients": gradients, "activations": in_backward})
+    else:
+        late = layer_acts + mask + recomputed + late_extra  # the last layer's recomputed (or kept) activations
+        if late + gradients > in_backward:
+            backward = (base + gradients + late, {"gradients": gradients, "activations": late})
+        else:
+            backward = (base + in_backward, {"gradients": 0.0, "activations": in_backward})
+    at_loss = {"gradients": accumulated, "activations": saved, "logits": logits}
+    if not ckpt and transient > logits + loss_slack:
+        # The last layer's forward (every activation saved, its transient held) is the larger.
+        at_loss = {"gradients": accumulated, "activations": saved + transient, "logits": 0.0}
+        loss_slack = OTHER_SLACK * transient
     phases = {
-        "loss": (base + accumulated + saved + logits, {"gradients": accumulated, "activations": saved, "logits": logits}),
-        "backward": (base + gradients + in_backward, {"gradients": gradients, "activations": in_backward}),
+        "loss": (base + sum(at_loss.values()), at_loss),
+        "backward": backward,
         "optimizer step": (base + gradients + opt_temp, {"gradients": gradients, "optimizer": optimizer + opt_temp}),
     }
     slack = {
