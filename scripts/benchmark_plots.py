@@ -55,12 +55,12 @@ def plot_max_context(rows: list[dict], out: Path, plt) -> None:
 
 def plot_speed(rows: list[dict], out: Path, plt) -> None:
     # The latest run of each config, as speed.csv keeps them (the directories are in run order).
-    rows = sorted({(r["group"], r["config"]): r for r in rows}.values(), key=lambda r: (r["budget_gib"], r["config"]))
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    rows = sorted({(r["group"], r["config"]): r for r in rows}.values(), key=lambda r: (r["group"], r["config"]))
+    fig, ax = plt.subplots(figsize=(9, 4.6))
     tps = [r["metrics"]["steady_tokens_per_s"] for r in rows]
     colors = ["tab:blue" if r["config"].startswith("vramfit") else "grey" for r in rows]
     ax.bar(range(len(rows)), tps, color=colors)
-    ax.set_xticks(range(len(rows)), [f"{r['budget_gib']:g} GiB, {r['config']}" for r in rows], fontsize=7, rotation=30, ha="right")
+    ax.set_xticks(range(len(rows)), [f"{r['group']}: {r['config']}" for r in rows], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("tokens/s")
     ax.set_title("Qwen2.5-7B: seed guide configs (grey) and vramfit's plan (blue), same cap, data, batch", fontsize=9)
     fig.tight_layout()
