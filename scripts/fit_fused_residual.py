@@ -69,6 +69,8 @@ def _benchmark_runs():
     """The same for every benchmark run directory with the fused loss and its peak on the GPU."""
     for root in RUN_DIRS:
         for metrics in sorted((ROOT / root).rglob("metrics.json")):
+            if not (metrics.parent / "plan.yaml").is_file():
+                continue  # a comparison run kept without its plan
             m = json.loads(metrics.read_text())
             plan = yaml.safe_load((metrics.parent / "plan.yaml").read_text())
             cfg = RunConfig.model_validate(plan["config"])
