@@ -461,6 +461,8 @@ def _memory_history(path: str | None, device: str):
     what is alive at the peak is how the memory model's terms are checked one by one."""
     if not path or device != "cuda":
         return None
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        path = f"{path}.rank{os.environ.get('RANK', 0)}"  # one snapshot per process
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
 
     def dump() -> None:
