@@ -645,27 +645,26 @@ def test_adapter_gradients_are_not_held_at_the_start_of_a_one_micro_batch_backwa
     assert estimate(Q7, full, shortest=1024).gradients > 0
 
 
-def test_a_layers_transient_counts_the_mlp_product_and_16bit_loras_fp32_casts():
+def test_a_layers_transient_is_the_mlp_product_until_down_proj_has_run():
     c = cfg(method="qlora", data={"seq_len": 1024}, train={"micro_batch": 2}, lora={"target_modules": "all-linear"})
     tokens = 2 * 1024
-    # QLoRA: bitsandbytes' layers cast nothing under autocast; the MLP's product until down_proj.
     assert layer_transient_bytes(Q7, c, 2) == tokens * Q7.intermediate * 2
-    # 16-bit LoRA with dropout: at down_proj its input in fp32 and the fp32 dropped-out copy too.
-    lora = c.model_copy(update={"method": "lora"})
-    assert layer_transient_bytes(Q7, lora, 2) == tokens * Q7.intermediate * (2 + 8)
-    # Without dropout only the cast; adapters on q and v only: the cast of the hidden states,
-    # and the product wider still.
-    nodrop = lora.model_copy(update={"lora": lora.lora.model_copy(update={"dropout": 0.0})})
-    assert layer_transient_bytes(Q7, nodrop, 2) == 0 + tokens * Q7.intermediate * 4  # down_proj keeps its input: no product
-    qv = lora.model_copy(update={"lora": lora.lora.model_copy(update={"target_modules": ["q_proj", "v_proj"]})})
-    assert layer_transient_bytes(Q7, qv, 2) == tokens * max(Q7.intermediate * 2, Q7.hidden * 8)
-    # fp32 compute: nothing to cast.
-    assert layer_transient_bytes(Q7, lora, 4) == tokens * Q7.intermediate * 4
+    # 16-bit LoRA: the same, since train.py keeps adapted inputs in 16 bits (no fp32 casts).
+    assert layer_transient_bytes(Q7, c.model_copy(update={"method": "lora"}), 2) == tokens * Q7.intermediate * 2
+    # Kept anyway where down_proj's adapter reads it without dropout, and under full fine-tuning.
+    nodrop = c.model_copy(update={"lora": c.lora.model_copy(update={"dropout": 0.0})})
+    assert layer_transient_bytes(Q7, nodrop, 2) == 0
+    assert layer_transient_bytes(Q7, cfg(method="full", data={"seq_len": 1024}), 2) == 0
+    # The tiled MLP makes it one chunk at a time.
+    tiled = cfg(method="qlora", data={"seq_len": 16384}, kernels={"tiled_mlp": True})
+    assert layer_transient_bytes(Q7, tiled, 2) == pytest.approx(16384 * Q7.intermediate * 2 / -(-16384 // Q7.hidden))
 
 
-def test_the_16bit_lora_snapshot_run_is_predicted_within_its_margin():
+def test_the_16bit_lora_snapshot_run_held_fp32_casts_the_model_no_longer_counts():
     # docs/benchmarks/calibration/snapshots/lora24: 16-bit LoRA r128 all-linear, micro-batch 8 x 2,
-    # 8-bit AdamW, 24 GiB. 23.82 GiB measured; 22.79 predicted when it ran (without the fp32 casts).
+    # 8-bit AdamW, 24 GiB: 23.82 GiB measured, 1.7 GiB of it PEFT's fp32 copies of down_proj's
+    # input, which train.py now avoids. The model without them is under that run by about that.
     s7, c, m = _snapshot_run("lora24")
     b = estimate(s7, c, shortest=c.data.seq_len)
-    assert abs(b.peak_gib / m["peak_process_gib"] - 1) < 0.02
+    casts = c.train.micro_batch * c.data.seq_len * s7.intermediate * 8 / GIB
+    assert b.peak_gib < m["peak_process_gib"] < b.peak_gib + casts * 1.1

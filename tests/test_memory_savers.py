@@ -240,3 +240,59 @@ def test_auto_fit_uses_the_savers_on_a_fake_8gb_card_only_where_they_pay():
     assert not short.kernels.tiled_mlp  # 512 tokens are one chunk
     long, _ = fit(8192)
     assert long.train.offload_embeddings and not long.kernels.tiled_mlp
+
+
+# ---------------------------------------------------------------- 16-bit LoRA inputs kept in 16 bits
+
+
+def _lora_bf16(dropout: float):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    model = get_peft_model(Qwen2ForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # a trained adapter: its path counts
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}  # PEFT's fp32 adapters
+    return model
+
+
+def _bf16_step(model, uncast: bool):
+    from types import SimpleNamespace
+
+    from vramfit.train import _lora_inputs_uncast
+
+    model = copy.deepcopy(model)
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)
+    args = SimpleNamespace(bf16=uncast, fp16=False)
+    with _lora_inputs_uncast(model, RunConfig(method="lora"), args), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_16bit_lora_inputs_kept_in_16_bits_train_the_same_under_autocast():
+    # PEFT casts each adapted layer's input to the adapters' fp32; under autocast lora_A's matmul
+    # runs in 16 bits either way, so without the cast the loss and every gradient are the same.
+    model = _lora_bf16(dropout=0.0)
+    (l1, g1), (l2, g2) = _bf16_step(model, uncast=False), _bf16_step(model, uncast=True)
+    assert torch.equal(l1, l2) and g1.keys() == g2.keys() and len(g1) > 0
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+
+
+def test_16bit_lora_inputs_are_cast_outside_mixed_precision():
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from vramfit.train import _lora_inputs_uncast
+
+    model = _lora_bf16(dropout=0.05)
+    assert isinstance(_lora_inputs_uncast(model, RunConfig(method="lora"), SimpleNamespace(bf16=False, fp16=False)), nullcontext)
+    assert isinstance(_lora_inputs_uncast(model, RunConfig(method="qlora"), SimpleNamespace(bf16=True, fp16=False)), nullcontext)
+    with _lora_inputs_uncast(model, RunConfig(method="lora"), SimpleNamespace(bf16=True, fp16=False)):
+        assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules() if hasattr(m, "lora_A"))
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "lora_A"))  # restored after training

@@ -325,33 +325,20 @@ def layer_activation_bytes(
 
 def layer_transient_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq: int | None = None) -> float:
     """What a decoder layer holds for a moment beyond what it saves, while it computes (its
-    forward, or its recomputation in the backward), over one micro-batch of ``seq`` tokens.
-    Seen in memory snapshots at the peak (scripts/backward_peak_report.py,
-    docs/benchmarks/calibration/snapshots/), and invisible to the two-depth pairs above
-    (the same in both):
-
-    - the MLP's product, the down projection's input: alive until that projection has run,
-      unless it is kept anyway (full fine-tuning; an adapter on down_proj without dropout);
-    - 16-bit LoRA: PEFT casts an adapted layer's input to the adapters' fp32
-      (lora/layer.py, ``_cast_input_dtype``) and its dropout makes a second fp32 tensor,
-      both alive while lora_A runs: 4 (8 with dropout) bytes per input feature, largest at
-      the widest adapted layer (down_proj: the product is alive beside them).
-      bitsandbytes' LoRA layers cast only outside autocast, and the Trainer's 16-bit runs
-      are inside it."""
+    forward, or its recomputation in the backward), over one micro-batch of ``seq`` tokens:
+    the MLP's product, the down projection's input, alive until that projection has run
+    (unless kept anyway: full fine-tuning, an adapter on down_proj without dropout). Seen in
+    memory snapshots at the peak (scripts/backward_peak_report.py,
+    docs/benchmarks/calibration/snapshots/), and invisible to the two-depth pairs above (the
+    same in both). 16-bit LoRA added PEFT's fp32 casts of each adapted layer's input (8 bytes
+    per input feature at the widest, with dropout) until train.py kept them in 16 bits
+    (``_lora_inputs_uncast``)."""
     seq = seq or cfg.data.seq_len
     shards = mlp_shards(shape.hidden, seq) if cfg.kernels.tiled_mlp else 1
-    product = shape.intermediate / shards * dtype_bytes
     targets = _targets(shape, cfg) if cfg.uses_adapter else []
     if cfg.method == "full" or (cfg.lora.dropout == 0 and "down_proj" in targets):
-        product = 0.0
-    widest = product
-    if cfg.method == "lora" and dtype_bytes < 4:
-        linears = shape.layer_linears()
-        per_feature = 8 if cfg.lora.dropout > 0 else 4
-        for t in targets:
-            width = linears[t][0] / (shards if t in MLP_LINEARS else 1)
-            widest = max(widest, width * per_feature + (product if t == "down_proj" else 0.0))
-    return cfg.train.micro_batch * seq * widest
+        return 0.0
+    return cfg.train.micro_batch * seq * shape.intermediate / shards * dtype_bytes
 
 
 def pinned_block_bytes(nbytes: float) -> float:

@@ -454,6 +454,27 @@ def _gpu_turn(path: str | None):
     return fh
 
 
+def _lora_inputs_uncast(model, cfg: RunConfig, args):
+    """16-bit LoRA under mixed precision: keep each adapted layer's input in the compute dtype.
+
+    PEFT keeps adapters in fp32 and casts every adapted layer's input to fp32 before the
+    adapter (lora/layer.py, ``_cast_input_dtype``); its dropout then makes a second fp32
+    tensor, and autocast casts the result straight back to 16 bits for lora_A's matmul. An
+    allocator snapshot of the 24 GB guide's r128 all-linear adapter at micro-batch 8 had 1.7
+    GiB of these fp32 copies alive at the down projection (docs/memory-model.md). Under
+    autocast the matmul is the same either way (PEFT's bitsandbytes layers skip the cast
+    there); only the dropout mask is drawn on a 16-bit tensor instead of an fp32 one (tested in
+    tests/test_memory_savers.py). PEFT's own switch, for the training loop only: outside
+    autocast (merge, inference) the cast is needed."""
+    import contextlib
+
+    if cfg.method != "lora" or not (args.bf16 or args.fp16):
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
+
+
 def _memory_history(path: str | None, device: str):
     """For calibration (scripts/backward_peak_report.py): with VRAMFIT_MEMORY_HISTORY=FILE on
     a GPU, record every allocation of the training loop with its Python stack, and return
@@ -595,7 +616,8 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     gate = _gpu_turn(os.environ.get("VRAMFIT_GPU_TURN"))  # noqa: F841 (held until exit)
     history = _memory_history(os.environ.get("VRAMFIT_MEMORY_HISTORY"), doc["device"])
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with _lora_inputs_uncast(model, cfg, args):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
     if history:
         history()
