@@ -1,24 +1,26 @@
 #!/usr/bin/env python3
-"""Fit memory's fused-loss residual (FUSED_RESIDUAL_PER_TOKEN, _PER_TOKEN_INTERMEDIATE and
-_PER_SEQ2) to every H200 run with the fused loss whose peak is in the backward on the GPU.
+"""Fit memory's fused-loss residual (FUSED_RESIDUAL_PER_TOKEN_HIDDEN, _PER_TOKEN_INTERMEDIATE,
+_PER_TOKEN_INTERMEDIATE_LIGER, _PER_TOKEN_INTERMEDIATE_ADAPTED: memory.fused_residual_features
+says what each multiplies) to every H200 run with the fused loss whose peak is on the GPU.
 
-Two sources: the calibration runs in docs/benchmarks/calibration/fused.jsonl
-(scripts/calibrate_memory.py with scripts/calibration_matrix_fused.yaml), and the run
-directories the benchmarks left (plan.yaml + metrics.json under docs/benchmarks/speed/ and
+Three sources: the calibration runs in docs/benchmarks/calibration/fused.jsonl
+(scripts/calibrate_memory.py with scripts/calibration_matrix_fused.yaml), the run directories
+the benchmarks left (plan.yaml + metrics.json under docs/benchmarks/speed/ and
 docs/benchmarks/savers/: long sequences, the tiled MLP, checkpointed inputs in host RAM,
-micro-batches up to 16). Runs with every saved tensor in host RAM (no checkpointing) are
-left out: memory.py adds no residual there.
+micro-batches up to 16), and the allocator-snapshot runs (docs/benchmarks/calibration/snapshots/).
+Runs with every saved tensor in host RAM (no checkpointing) are left out: memory.py adds no
+residual there.
 
-For each, the memory model without the residual predicts the process's peak; the measured
-peak (NVML: allocator reserved + what lives outside it) minus that is the deficit. Against
-the process peak, not the allocator's allocated bytes: at long sequences the allocator
-reserves up to 1.4 GiB beyond what is allocated, more than the model's slack, and that is
-what a budget has to hold. The deficits are fitted as
-a x tokens + b x tokens x intermediate_size + c x micro_batch x seq_len^2 by non-negative
-least squares on the error relative to each run's measured peak (the targets are in percent:
-a 0.3 GiB miss matters on a 2 GiB run, not on a 20 GiB one), with each under-prediction
-weighted UNDER_WEIGHT times (reweighted until the set of under-predicted runs settles): an
-under-prediction is an OOM for the user, an over-prediction a little speed. No GPU needed.
+The residual is the backward's own transient, which memory.py takes instead of the
+recomputation's where larger, so the model is flat in it up to that point. For each run the
+residual at which the whole model meets the measured peak (NVML: allocator reserved + what
+lives outside it) is found by bisection; runs the other terms already meet need none and are
+left out of the fit. The needed residuals are fitted on the features by non-negative least
+squares on the error relative to each run's measured peak (a 0.3 GiB miss matters on a 2 GiB
+run, not on a 20 GiB one), each under-prediction weighted UNDER_WEIGHT times (reweighted until
+the set of under-predicted runs settles): an under-prediction is an OOM for the user, an
+over-prediction a little speed. Against the process peak, not allocated bytes: at long
+sequences the allocator reserves up to 2.5 GiB beyond what is allocated. No GPU needed.
 
     python scripts/fit_fused_residual.py
 """

@@ -41,22 +41,23 @@ CUDA_CONTEXT_GIB = 0.75
 # The fused loss's chunk of logits and its gradient, computed in place: copies of one
 # chunk (chunk x vocab, 16-bit) alive at once. Not yet measured on a GPU.
 FUSED_CHUNK_COPIES = 2
-# With the fused loss the peak moves from the loss to the backward, where the H200 runs
-# needed more than the terms above explain: up to 3.2 GiB, growing with the tokens of a
-# micro-batch, the MLP's width and the sequence length. Not yet explained term by term (the
-# backward's gradient buffers of the MLP's intermediates, the gradient of the hidden states
-# liger computes in the forward and keeps, the sdpa backward's workspace, and at long
-# sequences up to 1.4 GiB the allocator reserves beyond what is allocated); this empirical
-# residual keeps plans from under-predicting them. Fitted by scripts/fit_fused_residual.py
-# (non-negative least squares on the process peak's error relative to each run's peak,
-# under-predictions weighted twice) to 29 runs: the 12 of docs/benchmarks/calibration/
-# fused.jsonl (0.5B-8B, seq 256-16384) and the benchmarks' runs with the fused loss
-# (micro-batch up to 16, seq up to 73k, the tiled MLP, checkpointed inputs in host RAM,
-# liger's ops; docs/benchmarks/speed/, savers/). Over those: worst 2.6% under, 9.4% over,
-# median 1.9%. Bytes per token of the micro-batch, per token and unit of intermediate_size,
-# and per micro_batch x seq_len^2. Refitted in session 7 with the saved activations counted
-# tensor by tensor (below); session 6's fit to 26 runs had 48,456 / 3.133 / 0.685. (Until
-# session 6: per token and per seq^2 only, fitted to the 12 on allocated bytes.)
+# With the fused loss the peak moves from the loss to the backward. There a layer holds, beside
+# the layer inputs still kept, either its recomputation's transient (layer_transient_bytes,
+# counted from allocator snapshots) or its backward's own buffers, whichever is larger: this
+# empirical residual, bytes per token and unit of hidden_size, per token and unit of
+# intermediate_size without liger's SwiGLU (whose backward works in place) and with it, and
+# more per token and unit of intermediate_size where down_proj carries an adapter (its input's
+# gradient made twice); under the tiled MLP the intermediate terms count one chunk's tokens.
+# It also carries what the allocator reserves beyond what it allocates at long sequences
+# (up to 2.5 GiB), more than OTHER_SLACK. Fitted by scripts/fit_fused_residual.py (each run's
+# needed residual by bisection on the whole model, then non-negative least squares relative to
+# each run's process peak, under-predictions weighted three times) to 36 H200 runs: the 12 of
+# docs/benchmarks/calibration/fused.jsonl, 20 benchmark runs (docs/benchmarks/speed/, savers/:
+# micro-batch up to 16, up to 87k tokens, the tiled MLP, checkpointed inputs in host RAM,
+# liger's ops) and 4 snapshot runs (calibration/snapshots/). The whole model over those: worst
+# 3.5% under, 28.5% over (Llama-3.1-8B at 87,552 tokens under the tiled MLP), median 2.4%.
+# Session 7's form (48,989 B per token, 2.915 per token x intermediate, 0.377 per micro_batch x
+# seq^2) added 49 KB per token whatever the width: +15% on the 0.5B's auto-fit plan.
 FUSED_RESIDUAL_PER_TOKEN_HIDDEN = 24.441
 FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE = 3.043
 FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE_LIGER = 0.000
