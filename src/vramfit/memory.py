@@ -240,7 +240,7 @@ def fused_residual_features(shape: ModelShape, cfg: RunConfig, seq: int) -> list
     tokens = cfg.train.micro_batch * seq
     liger = liger_swiglu(cfg)
     mlp = tokens * shape.intermediate / (mlp_shards(shape.hidden, seq) if cfg.kernels.tiled_mlp else 1)
-    down = cfg.uses_adapter and any(t in ("down_proj",) for t in _targets(shape, cfg))
+    down = cfg.uses_adapter and "down_proj" in _targets(shape, cfg)
     return [tokens * shape.hidden, 0.0 if liger else mlp, mlp if liger else 0.0, mlp if down else 0.0]
 
 
