@@ -183,3 +183,26 @@ def test_trainer_without_disk_for_checkpoints_refuses_before_writing_any(tmp_pat
     assert f"{run_dir} has 0.0 GiB free; checkpoints need ~" in errs[0] and "(hint: free disk space" in errs[0]
     assert list((run_dir / "checkpoints").iterdir()) == []  # (the Trainer makes the empty dir)
     assert not (run_dir / "adapter").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_every_checkpoint_file_is_flushed_to_disk_before_it_is_renamed_into_place(tmp_path, saves, monkeypatch):
+    # A preempted cloud machine can be cut off seconds after training exits: a checkpoint
+    # left in the page cache would be lost or torn. Each file is fsynced in staging, and the
+    # checkpoints directory after the rename.
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    tiny_trainer(tmp_path, 2).train()
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        staged = ckpts / f".tmp-checkpoint-{step}" / f"checkpoint-{step}"
+        assert str(staged / "trainer_state.json") in synced and str(staged) in synced
+        assert any(p.startswith(str(staged)) and p.endswith(".safetensors") for p in synced)
+    assert synced.count(str(ckpts)) == 3  # once per rename

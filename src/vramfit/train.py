@@ -61,6 +61,21 @@ class Log:
         self.file.flush()
 
 
+def fsync_tree(root: Path, files: bool = True) -> None:
+    """Flush ``root``'s files and directories to disk. A preempted cloud machine is often cut
+    off seconds after training exits, without a clean shutdown: a checkpoint still in the
+    page cache would be lost, or found renamed into place but torn. ``files=False``: only
+    ``root`` itself (a rename inside it made durable)."""
+    if not root.exists():
+        return
+    for path in (sorted(root.rglob("*"), reverse=True) if files else []) + [root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class StagedCheckpointTrainer(Trainer):
     """Writes each checkpoint as checkpoints/.tmp-checkpoint-N/checkpoint-N, then renames
     it to checkpoints/checkpoint-N once every file is written.
@@ -91,6 +106,7 @@ class StagedCheckpointTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             staging, self._staging = self._staging, None
+        fsync_tree(staging)  # each rank its own writes (and, on one node, the others')
         self.accelerator.wait_for_everyone()  # no rank is still writing into staging
         if self.args.should_save:  # the one process that writes trainer_state.json
             final = checkpoints / name
@@ -100,6 +116,7 @@ class StagedCheckpointTrainer(Trainer):
             shutil.rmtree(final, ignore_errors=True)
             os.rename(staging / name, final)
             staging.rmdir()
+            fsync_tree(checkpoints, files=False)  # the rename itself
             # Rotate only now that the new checkpoint is complete, so the last good one
             # is never deleted for it. Newest by mtime, as the Trainer itself rotates.
             rotate_checkpoints(str(checkpoints), self.args.save_total_limit, use_mtime=True)
@@ -299,10 +316,12 @@ def save_final(trainer: Trainer, tokenizer, run_dir: Path, name: str) -> Path:
     trainer.save_model(str(tmp))  # every rank: ZeRO-3 gathers the weights collectively
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(tmp))
+        fsync_tree(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.rename(final, old)
         os.rename(tmp, final)
+        fsync_tree(run_dir, files=False)
         shutil.rmtree(old, ignore_errors=True)
     return final
 
