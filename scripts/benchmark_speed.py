@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "src"))
 from prove_distributed import Runner, summary  # noqa: E402
-from vramfit.cli import _flat as flat  # noqa: E402  (dotted keys, launch.env kept whole: as the CLI compares plans)
+from vramfit.presets import flatten as flat  # noqa: E402  (dotted keys, launch.env kept whole: as the CLI compares plans)
 from prove_preset import input_commands, versions  # noqa: E402
 
 PY = sys.executable

@@ -263,7 +263,9 @@ def _make_plan(
         fitted, choices = auto_fit(
             config, pinned, shape, fit_budget, facts.gpus[0].name, lengths, dtype, facts.host_ram_bytes, liger_installed()
         )
-        before, after = _flat(config.model_dump(mode="json")), _flat(fitted.model_dump(mode="json"))
+        from .presets import flatten
+
+        before, after = flatten(config.model_dump(mode="json")), flatten(fitted.model_dump(mode="json"))
         sources = {**sources, **{k: "auto" for k in after if after[k] != before.get(k)}}
         config = fitted
     plan = build_plan(config, shape, facts, sources, "auto" if auto else preset, lengths, len(records), price)
@@ -336,7 +338,9 @@ def _print_plan(plan, verbose: bool) -> None:
         typer.echo(f"  note: {note}")
     if verbose:
         typer.echo("  settings (where each value came from):")
-        flat = _flat(c.model_dump(mode="json"))
+        from .presets import flatten
+
+        flat = flatten(c.model_dump(mode="json"))
         for key, value in flat.items():
             typer.echo(f"    {key} = {json.dumps(value)}  [{plan.sources.get(key, 'default')}]")
 
@@ -345,16 +349,6 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "env":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @app.command()

@@ -135,13 +135,14 @@ def _check_keys(data: dict[str, Any], source: str, prefix: str = "") -> None:
             _check_keys(v, source, dotted + ".")
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's (or a layer's) values by dotted key; dict-valued keys (launch.env) kept whole."""
     keys = valid_keys()
     out: dict[str, Any] = {}
     for k, v in data.items():
         dotted = prefix + str(k)
         if keys.get(dotted) and isinstance(v, dict):
-            out.update(_flatten(v, dotted + "."))
+            out.update(flatten(v, dotted + "."))
         else:
             out[dotted] = v
     return out
@@ -182,13 +183,13 @@ class Resolved:
 
 def resolve(layers: list[tuple[str, dict[str, Any]]], preset: Preset | None = None) -> Resolved:
     """Merge ``(source_name, values)`` layers over the defaults, validate once, keep provenance."""
-    flat = _flatten(RunConfig().model_dump())
+    flat = flatten(RunConfig().model_dump())
     sources = {k: "default" for k in flat}
     for source, values in layers:
         if not values:
             continue
         _check_keys(values, source)
-        for k, v in _flatten(values).items():
+        for k, v in flatten(values).items():
             if isinstance(flat.get(k), dict) and isinstance(v, dict):
                 v = {**flat[k], **v}  # maps (launch.env) merge key by key across layers
             flat[k] = v
