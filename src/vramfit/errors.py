@@ -56,9 +56,15 @@ class TrainingFailed(VramfitError):
 
 
 class Preempted(VramfitError):
-    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; rerun to resume."""
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; rerun to resume.
+    ``every_rank``: every training process agreed on the stop (preempt.py), so they can
+    leave together; a signal before training reaches only the process it was sent to."""
 
     exit_code = 75  # EX_TEMPFAIL: try again later
+
+    def __init__(self, message: str, hint: str = "", every_rank: bool = False) -> None:
+        super().__init__(message, hint)
+        self.every_rank = every_rank
 
 
 class RunLocked(VramfitError):

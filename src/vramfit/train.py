@@ -644,12 +644,11 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         log(f"preempted: checkpoint saved at step {preemption.stopped_at}")
         _mark_preempted(run_dir, preemption.stopped_at, rank0)
         by = f"signal {preemption.requested}" if preemption.requested is not None else "a signal to another rank"
-        stopped = Preempted(
+        raise Preempted(
             f"training stopped by {by} at step {preemption.stopped_at}; checkpoint saved",
             f"rerun the same command, or `vramfit train --resume --out {run_dir}`, to continue",
+            every_rank=True,
         )
-        stopped.every_rank = True  # all ranks agreed on this step (preempt.py): they leave together
-        raise stopped
     final = save_final(trainer, tokenizer, run_dir, final_name)
     memory = monitor.summary()  # samples NVML once more: the figures rank 0 writes and every rank gathers
     per_rank = _per_rank(memory)  # every rank takes part
@@ -711,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("VRAMFIT_DEBUG"):
             raise
         print(f"error: {e.one_line()}", file=sys.stderr)
-        if getattr(e, "every_rank", False):
+        if isinstance(e, Preempted) and e.every_rank:
             # A stop every rank agreed on (not a signal before training, which only the
             # signalled rank sees): they leave together, as a finished run does. Without it a
             # rank's exit 75 became gloo's abort (-6) and the launcher's kill (-9) once in a
