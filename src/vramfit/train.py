@@ -138,6 +138,11 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
 
     tokens_seen = 0
     longest_first = False
+    # Batch shapes met so far, and whether the current optimizer step met one not seen
+    # before (Progress reads and clears it): a new shape costs once (the allocator grows,
+    # kernels are chosen for it), which a long run amortises.
+    seen_shapes: frozenset = frozenset()
+    new_shape_in_step = False
     # train.offload_activations: the hooks (offload.HostActivations), and the most that one
     # micro-batch moved to host RAM: (bytes, tensors, padded tokens of that micro-batch, the
     # pinned blocks they took).
@@ -156,6 +161,10 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
         if fault and self.state.global_step >= 1 and inputs["input_ids"].shape[0] > int(fault):
             # Fault injection for tests of OOM recovery on machines without a GPU.
             raise torch.OutOfMemoryError("CUDA out of memory (injected). Tried to allocate 1.00 GiB")
+        shape = tuple(inputs["input_ids"].shape)
+        if shape not in self.seen_shapes:
+            self.seen_shapes |= {shape}
+            self.new_shape_in_step = True
         packed = inputs.get(TOKENS_KEY)
         mask = inputs.get("attention_mask")
         if packed is not None:
@@ -187,6 +196,31 @@ class EmbeddingsOnHost(TrainerCallback):
         self.place()
 
 
+def window_rate(marks: list[tuple[float, int, bool]]) -> float | None:
+    """Tokens/s from the end of the first optimizer step to the end of the last. ``marks``:
+    (time, tokens seen, whether the step met a new batch shape) at the end of each step."""
+    if len(marks) < 2:
+        return None
+    (t0, n0, _), (t1, n1, _) = marks[0], marks[-1]
+    return (n1 - n0) / max(t1 - t0, 1e-9)
+
+
+def steady_rate(marks: list[tuple[float, int, bool]]) -> float | None:
+    """What a long run sees, and what the speed model predicts: tokens/s over the steps
+    after the first, leaving out each step that met a batch shape for the first time.
+
+    The first step pays the one-off costs (allocator warm-up, lazy optimizer state); a new
+    shape pays some again (the allocator grows, kernels are chosen for it): on varied
+    lengths a 20-step proof meets 2-3 shapes after step 1, each step 20-50% slower than the
+    rest (docs/benchmarks/autofit.md). A long run meets each shape once, so it amortises
+    them; a short window does not. With every step new, it falls back to the window."""
+    kept = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:]) if not b[2]]
+    seconds = sum(dt for dt, _ in kept)
+    if not kept or seconds <= 0:
+        return window_rate(marks)
+    return sum(n for _, n in kept) / seconds
+
+
 class Progress(TrainerCallback):
     def __init__(self, log: Log, trainer_ref: list, monitor: MemoryMonitor) -> None:
         self.log, self.trainer_ref, self.monitor = log, trainer_ref, monitor
@@ -201,22 +235,21 @@ class Progress(TrainerCallback):
             self.monitor.setup_peak = torch.cuda.max_memory_allocated()
         self.t0 = self.last_t = time.perf_counter()
         self.start_step = state.global_step
-        self.step_marks: list[tuple[float, int]] = []
+        self.step_marks: list[tuple[float, int, bool]] = []
 
     def on_step_end(self, args, state, control, **kw):
         self.monitor.sample()
         if self.monitor.cuda:
             torch.cuda.synchronize()  # step timing must include the queued kernels
-        self.step_marks.append((time.perf_counter(), self.trainer_ref[0].tokens_seen))
+        trainer = self.trainer_ref[0]
+        self.step_marks.append((time.perf_counter(), trainer.tokens_seen, trainer.new_shape_in_step))
+        trainer.new_shape_in_step = False
 
     def steady_tokens_per_s(self) -> float | None:
-        """Tokens/s from the end of the first optimizer step to the last: excludes the
-        one-off costs (allocator warm-up, kernel autotuning, lazy optimizer state) that
-        a real run amortises, so it is what a long run sees and what the speed model predicts."""
-        if len(self.step_marks) < 2:
-            return None
-        (t0, n0), (t1, n1) = self.step_marks[0], self.step_marks[-1]
-        return (n1 - n0) / max(t1 - t0, 1e-9)
+        return steady_rate(self.step_marks)
+
+    def window_tokens_per_s(self) -> float | None:
+        return window_rate(self.step_marks)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or "loss" not in logs:
@@ -662,6 +695,9 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         "train_seconds": round(seconds, 2),
         "tokens_per_s": round(trainer.tokens_seen * int(os.environ.get("WORLD_SIZE", 1)) / max(seconds, 1e-9), 1),
         "steady_tokens_per_s": _round(progress.steady_tokens_per_s(), int(os.environ.get("WORLD_SIZE", 1))),
+        # Until session 9 the steady rate was this one (new shapes' steps included):
+        "window_tokens_per_s": _round(progress.window_tokens_per_s(), int(os.environ.get("WORLD_SIZE", 1))),
+        "new_shape_steps": sum(1 for m in progress.step_marks[1:] if m[2]),
         "predicted_tokens_per_s": doc.get("predicted_tokens_per_s"),
         "predicted_peak_gib": doc.get("predicted_peak_gib"),
         "budget_gib": cfg.budget_gib,
