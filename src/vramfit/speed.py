@@ -62,35 +62,39 @@ CALIBRATION_TFLOPS = 989.0  # the H200 the coefficients were fitted on
 DEFAULT_TFLOPS = 312.0
 
 # Fitted by scripts/fit_speed.py (non-negative least squares on the relative time per
-# micro-batch; `python scripts/fit_speed.py --write`) to 57 runs on one or two H200s, each
-# trained alone: the auto-fit proofs (0.5B-8B, minus three 0.5B runs with documented slow
-# steps), the 8 GB QLoRA speed benchmark, the fused-loss and distributed runs, and the
-# calibration runs that shared the GPU with at most one other run's loading (the others and
-# their reasons: the script's table). Error in tokens/s over those 57: median 8.3%, worst 46%
-# in-sample; median 12.2%, worst 47% leaving each run out (the old constants, fitted to 14 of
-# them: median 9.5%, worst 46%). Repeated runs of one config differ by up to 18%.
-# Known misses: the 8 GB QLoRA benchmark (q/v adapters, every example 512 tokens) trains
-# 1.3-1.5x faster than predicted, while the 20-step proofs on varied lengths at small
-# micro-batches train up to 1.4x slower. A per-wrapped-module overhead plus a cost per new
-# batch shape fits both (leave-one-out median 11.2%), but these runs cannot tell whether that
-# shape cost amortises over a long run, so it is not used yet (fit_speed.py, CHOSEN).
+# micro-batch; `python scripts/fit_speed.py --write`) to 103 runs on one or two H200s, each
+# trained alone: the auto-fit proofs of sessions 6-8 (session 7's unpadded grid left out: a
+# new batch shape nearly every step), the speed benchmark's groups (8 GB and 24 GB plans and
+# seeds, liger's ops, activations in host RAM), the fused-loss and distributed runs, and the
+# calibration runs that had the GPU alone (the others and their reasons: the script's table).
+# Session 9 added 46 runs of sessions 7-8 on the current stack (liger's ops, padding to
+# 64, fused loss): the old constants, fitted before them, predicted session 8's 24-cell grid
+# within 20% on 20 (7B/8B slower than measured by 12-24%, the 0.5B faster by up to 24%).
+# Error in tokens/s over the 103: median 12.4%, worst 54% in-sample; median 13.5%, worst 55%
+# leaving each run out. Over session 8's grid, in-sample: median 6%, worst 23% (the 0.5B at
+# 8 GiB, 24 layers recomputed: per-layer overhead that larger models hide under their matrix
+# work; a sum of terms cannot show that overlap, and the overlap forms fitted worse here).
+# Repeated runs of one plan differ by up to 36% (the 0.5B: 28.7k-39.1k tokens/s).
+# Known misses: the 20-step proofs of session 6 at micro-batch 1-4 train up to 1.5x slower
+# than predicted (each step a new batch shape there), the 8 GB QLoRA benchmark's early plans
+# (q/v adapters, micro-batch 4-8) 1.3x faster.
 # The per-weight dequantization term was fitted to zero: the per-layer overhead absorbs it.
-MATMUL_EFFICIENCY = 1 / 1.560  # fraction of the dense peak the matrix work reaches
+MATMUL_EFFICIENCY = 1 / 1.352  # fraction of the dense peak the matrix work reaches
 DEQUANT_S_PER_TPARAM_PASS = 0  # seconds per 1e12 dequantized weights (fitted to zero)
-LAYER_PASS_S = 0.00364  # seconds of overhead per decoder layer per pass
+LAYER_PASS_S = 0.00343  # seconds of overhead per decoder layer per pass
 MODULE_PASS_S = 0  # per LoRA-wrapped linear per pass: not in the chosen form (fit_speed.py)
 Q4_MODULE_PASS_S = 0  # per 4-bit linear per pass: not in the chosen form (fit_speed.py)
-LOSS_S_PER_TLOGIT = 13.9  # the loss: seconds per 1e12 logits (tokens x vocabulary), plain or fused
+LOSS_S_PER_TLOGIT = 27  # the loss: seconds per 1e12 logits (tokens x vocabulary), plain or fused
 # ZeRO-3 all-gathers every parameter for each pass (forward, backward, and the
 # checkpointed recompute): seconds per GB of (unsharded) weights per pass. Fitted with the
 # rest on the 2-H200 runs (docs/benchmarks/distributed/): full fine-tuning of the 3B and the
 # offload run (16-bit weights) and two QLoRA runs of the 7B (4-bit weights stored as bf16,
 # whose gathers also dequantize). Few runs: another shape's ZeRO-3 speed is an extrapolation.
-ZERO3_S_PER_GB_PASS = {"16bit": 0.0363, "4bit": 0.115}
+ZERO3_S_PER_GB_PASS = {"16bit": 0.0378, "4bit": 0.117}
 # ... and with the parameters offloaded to host RAM, what streaming them over PCIe adds
 # per GB per pass (the 8 GB seed route: 3B LoRA, seq 4096, 1 H200; one run, which alone
 # determines it: in-sample only).
-ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0484
+ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0488
 # train.offload_activations: the effective GB/s of each copy (device to host in the
 # forward, back in the backward), counted as adding to the step. The pinned copies mostly
 # overlap the compute, so this is what is left of them: measured on the fixed path (hooks
