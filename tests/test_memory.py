@@ -398,7 +398,9 @@ def test_dtype_follows_card():
 def test_multi_gpu_measurements_are_predicted_except_the_flagged_qlora_zero3():
     """The 2-GPU runs (docs/benchmarks/distributed/), largest per-rank peak, predicted again
     by this checkout's model: ZeRO-2 LoRA and ZeRO-3 full fine-tuning within 5%. QLoRA under
-    ZeRO-3 is a known under-prediction, which the plan states (see test_distributed)."""
+    ZeRO-3 is a known under-prediction, which the plan states (see test_distributed): -33%
+    until the 4-bit weights bitsandbytes keeps gathered were counted, -16% since (the rest is
+    the allocator's fragmentation, not modelled)."""
     import sys
     from pathlib import Path
 
@@ -410,7 +412,7 @@ def test_multi_gpu_measurements_are_predicted_except_the_flagged_qlora_zero3():
     assert {(r["zero_stage"], r["method"]) for r in table} >= {(2, "lora"), (3, "full"), (3, "qlora")}
     for r in table:
         if (r["zero_stage"], r["method"]) == (3, "qlora"):
-            assert r["error_pct"] < -20  # if this starts passing, the model learned it: drop the plan's note
+            assert -20 < r["error_pct"] < -10  # if it reaches -5%, the model learned it: drop the plan's note
         else:
             assert abs(r["error_pct"]) <= 5, r
 

@@ -30,7 +30,7 @@ HOST_RAM_USABLE = 0.9
 OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 LOOPBACK = ("127.", "localhost", "::1", "0.0.0.0")
 # (predicted, measured) GiB per GPU for QLoRA 7B under ZeRO-3 on 2 H200s.
-QLORA_ZERO3_MEASURED_GIB = (9.3, 13.9)
+QLORA_ZERO3_MEASURED_GIB = (11.6, 13.9)
 
 
 def offloaded_host_bytes(shape: ModelShape, cfg: RunConfig, dtype: str, longest: int | None = None) -> float:
@@ -81,11 +81,12 @@ def check(cfg: RunConfig, shape: ModelShape, facts: HardwareFacts, dtype: str, l
             "use --set train.optimizer=adamw_torch with offload, or turn deepspeed.offload_optimizer off",
         )
     if cfg.method == "qlora" and ds.stage == 3:
-        # Measured on 2 H200s (Qwen2.5-7B, seq 1024): 13.9 GiB per GPU against 9.3
-        # predicted. Not explained yet; the plan must not hide it.
+        # Measured on 2 H200s (Qwen2.5-7B, seq 1024): 13.9 GiB per GPU against 11.6
+        # predicted since the kept 4-bit weights are counted (memory.estimate); the rest is
+        # the allocator's (2.4 GiB reserved beyond allocated), not modelled: the plan must not hide it.
         notes.append(
             f"QLoRA under ZeRO-3 is under-predicted: on 2 H200s a 7B measured {QLORA_ZERO3_MEASURED_GIB[1]} GiB per GPU "
-            f"against {QLORA_ZERO3_MEASURED_GIB[0]} predicted (docs/benchmarks/distributed.md); keep ~50% headroom, "
+            f"against {QLORA_ZERO3_MEASURED_GIB[0]} predicted (docs/benchmarks/distributed.md); keep ~20% headroom, "
             "or use ZeRO-2 (QLoRA's 4-bit weights are small enough to replicate)"
         )
     if ds.stage and cfg.world_size == 1 and not (ds.offload_optimizer or ds.offload_params):
