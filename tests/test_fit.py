@@ -13,7 +13,7 @@ from vramfit.errors import FitError
 from vramfit.fit import OFFLOAD_MIN_GAIN, SAFETY_MARGIN, auto_fit
 from vramfit.memory import estimate
 from vramfit.model_shape import shape_from_config
-from vramfit.speed import OFFLOAD_PCIE_GB_S, LengthStats, estimate_speed, micro_step_seconds
+from vramfit.speed import OFFLOAD_PCIE_GB_S, LengthStats, estimate_speed, micro_step_seconds, micro_step_terms
 
 Q7 = shape_from_config(QWEN7B_CONFIG)
 rng = random.Random(0)
@@ -149,14 +149,27 @@ def test_unknown_gpu_is_flagged():
 
 def test_offloaded_activations_cost_their_pcie_copies():
     """Each layer's input goes to host RAM in the forward and back in the backward, at
-    speed.OFFLOAD_PCIE_GB_S (an effective rate from one H200 run)."""
+    speed.OFFLOAD_PCIE_GB_S (an effective rate from H200 runs). With checkpointing the copies
+    run beside the compute (speed.combine): they cost something, less than their own time."""
     plain = base(method="qlora", data={"seq_len": 8192}, train={"grad_ckpt": True})
     off = base(method="qlora", data={"seq_len": 8192}, train={"grad_ckpt": True, "offload_activations": True})
+    copies = 2 * Q7.layers * 8192 * Q7.hidden * 2 / (OFFLOAD_PCIE_GB_S * 1e9)
+    assert micro_step_terms(Q7, off, 8192, 989.0)["offload_checkpointed"] == pytest.approx(copies)
     added = micro_step_seconds(Q7, off, 8192, 989.0) - micro_step_seconds(Q7, plain, 8192, 989.0)
-    assert added == pytest.approx(2 * Q7.layers * 8192 * Q7.hidden * 2 / (OFFLOAD_PCIE_GB_S * 1e9))
+    assert 0 < added < copies
     assert estimate_speed(Q7, off, LONG, "H200").tokens_per_s < estimate_speed(Q7, plain, LONG, "H200").tokens_per_s
     # Copies at the padded length, not seq_len: short examples move less.
-    assert micro_step_seconds(Q7, off, 1024, 989.0) - micro_step_seconds(Q7, plain, 1024, 989.0) == pytest.approx(added / 8)
+    assert micro_step_terms(Q7, off, 1024, 989.0)["offload_checkpointed"] == pytest.approx(copies / 8)
+
+
+def test_without_checkpointing_the_offloaded_copies_add():
+    """Every saved tensor goes to host RAM and the backward waits for each to come back."""
+    plain = base(method="qlora", data={"seq_len": 2048}, train={"grad_ckpt": False})
+    off = base(method="qlora", data={"seq_len": 2048}, train={"grad_ckpt": False, "offload_activations": True})
+    copies = micro_step_terms(Q7, off, 2048, 989.0)["offload_activations"]
+    assert copies > 0 and micro_step_terms(Q7, off, 2048, 989.0)["offload_checkpointed"] == 0
+    added = micro_step_seconds(Q7, off, 2048, 989.0) - micro_step_seconds(Q7, plain, 2048, 989.0)
+    assert added == pytest.approx(copies)
 
 
 # ---------------------------------------------------------------- activations in host RAM

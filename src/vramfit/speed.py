@@ -1,7 +1,8 @@
 """Predicted training speed: tokens/s and wall time. Pure arithmetic: no torch.
 
-Time per micro-batch is the sum of these terms, each a feature (step_features) times one
-coefficient fitted by scripts/fit_speed.py to the H200 runs in docs/benchmarks:
+Time per micro-batch comes from these terms, each a feature (step_features) times one
+coefficient fitted by scripts/fit_speed.py to the H200 runs in docs/benchmarks, the GPU's,
+the CPU's and the copy engines' work overlapping (combine()):
 
 - matrix work: FLOPs / (the GPU's dense bf16 peak x an efficiency): 2N per token
   forward through every linear layer (and the lm_head), 2N backward for the input
@@ -9,13 +10,13 @@ coefficient fitted by scripts/fit_speed.py to the H200 runs in docs/benchmarks:
   checkpointed blocks, plus causal attention (2 x layers x seq x q_dim forward);
 - 4-bit dequantization (QLoRA): every linear weight is dequantized once per pass
   (forward, backward, recompute), independent of the tokens in the micro-batch;
-- per-layer overhead per pass (Python, PEFT/bitsandbytes wrappers, kernel launches):
-  what makes small micro-batches slow (a per-wrapped-module form is there for the fit
-  script to compare, at zero);
+- the CPU's overhead per pass (Python, kernel launches): per decoder layer, per
+  LoRA-wrapped linear (PEFT's wrapper), per 4-bit linear (bitsandbytes' call): what makes
+  small models and small micro-batches wait on Python;
 - the loss over full-vocabulary logits, memory-bound: tokens x vocabulary;
 
 plus, with train.offload_activations, the saved activations' copies to host RAM and
-back over PCIe (OFFLOAD_PCIE_GB_S: an effective rate from one run, far below PCIe's).
+back over PCIe (OFFLOAD_PCIE_GB_S: an effective rate from H200 runs, far below PCIe's).
 
 Padding counts: a micro-batch pads to its longest example, so the speed in real
 tokens is the padded speed times (mean length / padded length). With packing the
@@ -61,40 +62,47 @@ GPU_TFLOPS = (
 CALIBRATION_TFLOPS = 989.0  # the H200 the coefficients were fitted on
 DEFAULT_TFLOPS = 312.0
 
-# Fitted by scripts/fit_speed.py (non-negative least squares on the relative time per
-# micro-batch; `python scripts/fit_speed.py --write`) to 103 runs on one or two H200s, each
-# trained alone: the auto-fit proofs of sessions 6-8 (session 7's unpadded grid left out: a
-# new batch shape nearly every step), the speed benchmark's groups (8 GB and 24 GB plans and
-# seeds, liger's ops, activations in host RAM), the fused-loss and distributed runs, and the
-# calibration runs that had the GPU alone (the others and their reasons: the script's table).
-# Session 9 added 46 runs of sessions 7-8 on the current stack (liger's ops, padding to
-# 64, fused loss): the old constants, fitted before them, predicted session 8's 24-cell grid
-# within 20% on 20 (7B/8B slower than measured by 12-24%, the 0.5B faster by up to 24%).
-# Error in tokens/s over the 103: median 12.4%, worst 54% in-sample; median 13.5%, worst 55%
-# leaving each run out. Over session 8's grid, in-sample: median 6%, worst 23% (the 0.5B at
-# 8 GiB, 24 layers recomputed: per-layer overhead that larger models hide under their matrix
-# work; a sum of terms cannot show that overlap, and the overlap forms fitted worse here).
-# Repeated runs of one plan differ by up to 36% (the 0.5B: 28.7k-39.1k tokens/s).
-# Known misses: the 20-step proofs of session 6 at micro-batch 1-4 train up to 1.5x slower
-# than predicted (each step a new batch shape there), the 8 GB QLoRA benchmark's early plans
-# (q/v adapters, micro-batch 4-8) 1.3x faster.
-# The per-weight dequantization term was fitted to zero: the per-layer overhead absorbs it.
-MATMUL_EFFICIENCY = 1 / 1.352  # fraction of the dense peak the matrix work reaches
-DEQUANT_S_PER_TPARAM_PASS = 0  # seconds per 1e12 dequantized weights (fitted to zero)
-LAYER_PASS_S = 0.00343  # seconds of overhead per decoder layer per pass
-MODULE_PASS_S = 0  # per LoRA-wrapped linear per pass: not in the chosen form (fit_speed.py)
-Q4_MODULE_PASS_S = 0  # per 4-bit linear per pass: not in the chosen form (fit_speed.py)
-LOSS_S_PER_TLOGIT = 27  # the loss: seconds per 1e12 logits (tokens x vocabulary), plain or fused
+# Fitted by scripts/fit_speed.py (`python scripts/fit_speed.py --write`: non-negative least
+# squares on the relative time per micro-batch, then bounded least squares for the overlap in
+# combine()) to 99 runs on one or two H200s, each trained alone: the auto-fit grids since
+# padding to a multiple of 64 (sessions 7-9; the unpadded grids of sessions 3-7 met a new batch
+# shape nearly every step), the speed benchmark's groups, the fused-loss and distributed runs,
+# and the calibration runs that had the GPU alone (the others and their reasons: the script's
+# table). Error in tokens/s: median 6.7%, worst 45% in-sample; median 8.2%, worst 46% leaving
+# each run out (the summed form before session 9: 11.5%, 55%). Out of sample since: the three
+# grid cells whose plan this form changed and the 8 GB plans at micro-batch 8 and 16, -4% to
+# -12% (docs/memory-model.md, "Speed model"). Repeated runs of one plan on two H200 hosts differ
+# by up to 27%. Known misses: the 0.5B with checkpointing ~30% slower than predicted in every
+# grid; the seed configs' fp32-embedding runs (not fitted).
+# How the terms combine (combine()): the matrix work, dequantization and loss are the GPU's;
+# the per-layer, per-adapted-linear and per-4-bit-linear overheads the CPU's. The two
+# overlap, as a p-norm with this p (3: leave-one-out best of 2, 2.5, 3, 4 and 6 within 0.4
+# points; the sum, p = 1, was worse by 3, fit_speed.py --forms).
+OVERLAP_P = 3.0
+GPU_TERMS = ("matmul", "dequant", "loss")
+CPU_TERMS = ("layer_pass", "module_pass", "q4_module_pass")
+# train.offload_activations' copies of checkpointed layer inputs run on their own stream and
+# the copy engines, beside both: a third part of the same p-norm, hidden under the compute
+# while they are smaller (the six runs OFFLOAD_PCIE_GB_S comes from: ~0 s beyond the other
+# terms for 3.3 GB at the 7B's 8k tokens). Without checkpointing the backward waits on every
+# saved tensor's copy back, and the copies add (1.2-1.5 s for 64-81 GB there).
+COPY_TERMS = ("offload_checkpointed",)
+MATMUL_EFFICIENCY = 1 / 1.730  # fraction of the dense peak the matrix work reaches
+DEQUANT_S_PER_TPARAM_PASS = 8.15e-18  # seconds per 1e12 dequantized weights (fitted to zero)
+LAYER_PASS_S = 0.00138  # seconds of overhead per decoder layer per pass
+MODULE_PASS_S = 0.000451  # seconds per LoRA-wrapped linear per pass
+Q4_MODULE_PASS_S = 0.000141  # seconds per 4-bit linear per pass
+LOSS_S_PER_TLOGIT = 64.9  # the loss: seconds per 1e12 logits (tokens x vocabulary), plain or fused
 # ZeRO-3 all-gathers every parameter for each pass (forward, backward, and the
 # checkpointed recompute): seconds per GB of (unsharded) weights per pass. Fitted with the
 # rest on the 2-H200 runs (docs/benchmarks/distributed/): full fine-tuning of the 3B and the
 # offload run (16-bit weights) and two QLoRA runs of the 7B (4-bit weights stored as bf16,
 # whose gathers also dequantize). Few runs: another shape's ZeRO-3 speed is an extrapolation.
-ZERO3_S_PER_GB_PASS = {"16bit": 0.0378, "4bit": 0.117}
+ZERO3_S_PER_GB_PASS = {"16bit": 0.0517, "4bit": 0.11}
 # ... and with the parameters offloaded to host RAM, what streaming them over PCIe adds
 # per GB per pass (the 8 GB seed route: 3B LoRA, seq 4096, 1 H200; one run, which alone
 # determines it: in-sample only).
-ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0488
+ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0351
 # train.offload_activations: the effective GB/s of each copy (device to host in the
 # forward, back in the backward), counted as adding to the step. The pinned copies mostly
 # overlap the compute, so this is what is left of them: measured on the fixed path (hooks
@@ -218,6 +226,8 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
         "zero3_16bit": 0.0,
         "zero3_4bit": 0.0,
         "zero3_offload": 0.0,
+        "offload_activations": 0.0,
+        "offload_checkpointed": 0.0,
     }
     if cfg.deepspeed.stage == 3:
         if cfg.method == "qlora":
@@ -230,7 +240,10 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
     # Out to host RAM in the forward and back in the backward; called at the padded length,
     # the length the copies have. GB moved: its coefficient is 1 / OFFLOAD_PCIE_GB_S.
     moved = offloaded_activation_transfer_bytes(shape, cfg, longest=max(1, round(padded_len)), copies=OFFLOAD_SAVED_COPIES_GPU)
-    f["offload_activations"] = 2 * moved / 1e9
+    # With checkpointing only the layer inputs go, each fetched back a layer ahead of its
+    # recomputation: the copies run beside the compute (combine()). Without it every saved
+    # tensor goes and the backward waits for them: they add.
+    f["offload_checkpointed" if ckpt else "offload_activations"] = 2 * moved / 1e9
     # train.offload_embeddings: the CPU's gather of the looked-up rows and their copy to the
     # GPU, once per micro-batch. GB: its coefficient is 1 / EMBED_ROWS_GB_S.
     f["embed_rows"] = tokens * shape.hidden * 2 / 1e9 if cfg.train.offload_embeddings else 0.0
@@ -251,6 +264,7 @@ def coefficients() -> dict[str, float]:
         "zero3_4bit": ZERO3_S_PER_GB_PASS["4bit"],
         "zero3_offload": ZERO3_OFFLOAD_S_PER_GB_PASS,
         "offload_activations": 1 / OFFLOAD_PCIE_GB_S,
+        "offload_checkpointed": 1 / OFFLOAD_PCIE_GB_S,
         "embed_rows": 1 / EMBED_ROWS_GB_S,
     }
 
@@ -261,9 +275,23 @@ def micro_step_terms(shape: ModelShape, cfg: RunConfig, padded_len: float, tflop
     return {k: v * coef[k] for k, v in step_features(shape, cfg, padded_len, tflops).items()}
 
 
+def combine(terms: dict[str, float]) -> float:
+    """One micro-batch's seconds from its terms: the GPU's work and the CPU's launch work
+    overlap (the CPU queues kernels ahead while the GPU runs them), so they combine as
+    (G^p + C^p)^(1/p), near the larger of the two and above it where they are close; the
+    activations' copies to host RAM and back (their own stream) join the same norm; the
+    embedding rows' host gather and ZeRO-3's gathers add. Where the CPU's part is the larger (small models,
+    QLoRA's per-linear calls at small micro-batches) the step waits on Python."""
+    gpu = sum(terms.get(k, 0.0) for k in GPU_TERMS)
+    cpu = sum(terms.get(k, 0.0) for k in CPU_TERMS)
+    copies = sum(terms.get(k, 0.0) for k in COPY_TERMS)
+    rest = sum(v for k, v in terms.items() if k not in GPU_TERMS + CPU_TERMS + COPY_TERMS)
+    return (gpu**OVERLAP_P + cpu**OVERLAP_P + copies**OVERLAP_P) ** (1 / OVERLAP_P) + rest
+
+
 def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float) -> float:
-    """Seconds for one micro-batch (forward + backward) on one GPU: the terms' sum."""
-    return sum(micro_step_terms(shape, cfg, padded_len, tflops).values())
+    """Seconds for one micro-batch (forward + backward) on one GPU."""
+    return combine(micro_step_terms(shape, cfg, padded_len, tflops))
 
 
 @dataclass(frozen=True)
