@@ -515,17 +515,15 @@ def estimate(
         # are kept, not re-fetched: in steady state the whole allowance is in use.
         gathered = min(ZERO3_MAX_LIVE_ELEMENTS * b, unsharded)
         if cfg.method == "qlora":
-            # Except 4-bit weights: bitsandbytes' 4-bit matmul keeps the gathered packed
-            # weight in its autograd node (ctx.tensors, not save_for_backward, so the
-            # checkpoint hooks do not drop it either), and ZeRO-3's release after each
-            # module's forward only swaps param.data: by the loss every 4-bit linear is
-            # whole on every rank, quantization state included (not a parameter, never
-            # sharded), beside its shard; so is the output head, whose backward follows
-            # its forward within the reuse distance. The live-parameter count does not
-            # see the kept copies, so nothing caps them. Traced in the libraries' code
-            # (bitsandbytes autograd/_functions.py MatMul4Bit.forward, deepspeed
-            # partition_parameters.free_param) with a CPU demo; on 2 H200s the 7B's
-            # allocated peak was 9.42 GiB against 8.9 with this count, 6.7 without.
+            # Except 4-bit weights: ZeRO-3's release after each module's forward only
+            # swaps param.data, and bitsandbytes' 4-bit matmul keeps its own reference to
+            # the gathered packed weight (its autograd node's ctx.tensors), so from the
+            # first forward on every 4-bit linear is whole on every rank, quantization
+            # state included, beside its shard; and the output head is gathered from its
+            # forward to its backward (within the reuse distance). Measured on 2 H200s
+            # (docs/benchmarks/distributed/session9-qlora3-diagnosis/): DeepSpeed's gather
+            # stream holds 3.04 GiB for good after the first forward, the 7B's 4-bit
+            # linears exactly, and 1.1 GiB more (the head) at the end of each forward.
             gathered = shape.linear_params * _quant_bytes(cfg) + shape.head_params * b
 
     if stage:
