@@ -18,6 +18,7 @@ import csv
 import json
 import statistics
 import sys
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,7 @@ FIELDS = ("arch,budget_gib,method,seq_len,micro_batch,grad_accum,grad_ckpt,optim
 SPEED_FIT_ROWS = 14
 
 
+@cache  # fit_speed reads six grids: the dataset is generated and tokenized once
 def proof_lengths():
     """The length statistics every proof plan saw: same generator, seed and tokenizer."""
     import subprocess

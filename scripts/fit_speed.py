@@ -336,14 +336,16 @@ def predict_seconds(x: np.ndarray, fixed: np.ndarray, names: tuple[str, ...], c:
     fixed, beside = fixed[:, 0], fixed[:, 1]
     if form not in OVERLAP:
         return terms.sum(axis=1) + fixed + beside
+    p = OVERLAP[form]
+    # The fixed columns by the names speed.step_features gives them: additive, and in the norm.
+    cols = {n: terms[:, i] for i, n in enumerate(names)} | {"offload_activations": fixed, speed.COPY_TERMS[0]: beside}
+    if not np.isinf(p):
+        return speed.combine(cols, p)  # the formula speed.py predicts with
     idx = {n: i for i, n in enumerate(names)}
     gpu = sum(terms[:, idx[n]] for n in GPU_WORK if n in idx)
     cpu = sum(terms[:, idx[n]] for n in OVERHEAD if n in idx)
     rest = sum(terms[:, idx[n]] for n in names if n not in GPU_WORK + OVERHEAD)
-    p = OVERLAP[form]
-    if np.isinf(p):
-        return np.maximum(np.maximum(gpu, cpu), beside) + rest + fixed
-    return (gpu**p + cpu**p + beside**p) ** (1 / p) + rest + fixed
+    return np.maximum(np.maximum(gpu, cpu), beside) + rest + fixed
 
 
 def fit(x: np.ndarray, fixed: np.ndarray, t: np.ndarray, names: tuple[str, ...], form: str) -> np.ndarray:

@@ -510,12 +510,13 @@ def estimate(
     if stage == 3:
         unsharded = weights
         weights = 0.0 if cfg.deepspeed.offload_params else weights / world
-        # configs/deepspeed/zero3*.json keep up to stage3_max_live_parameters (1e9)
-        # elements gathered at once, and with stage3_max_reuse_distance as large they
-        # are kept, not re-fetched: in steady state the whole allowance is in use.
-        gathered = min(ZERO3_MAX_LIVE_ELEMENTS * b, unsharded)
-        if cfg.method == "qlora":
-            # Except 4-bit weights: ZeRO-3's release after each module's forward only
+        if cfg.method != "qlora":
+            # configs/deepspeed/zero3*.json keep up to stage3_max_live_parameters (1e9)
+            # elements gathered at once, and with stage3_max_reuse_distance as large they
+            # are kept, not re-fetched: in steady state the whole allowance is in use.
+            gathered = min(ZERO3_MAX_LIVE_ELEMENTS * b, unsharded)
+        else:
+            # QLoRA's 4-bit weights escape that allowance: ZeRO-3's release after a module's forward only
             # swaps param.data, and bitsandbytes' 4-bit matmul keeps its own reference to
             # the gathered packed weight (its autograd node's ctx.tensors), so from the
             # first forward on every 4-bit linear is whole on every rank, quantization

@@ -87,6 +87,7 @@ CPU_TERMS = ("layer_pass", "module_pass", "q4_module_pass")
 # terms for 3.3 GB at the 7B's 8k tokens). Without checkpointing the backward waits on every
 # saved tensor's copy back, and the copies add (1.2-1.5 s for 64-81 GB there).
 COPY_TERMS = ("offload_checkpointed",)
+_NORM_TERMS = GPU_TERMS + CPU_TERMS + COPY_TERMS
 MATMUL_EFFICIENCY = 1 / 1.730  # fraction of the dense peak the matrix work reaches
 DEQUANT_S_PER_TPARAM_PASS = 8.15e-18  # seconds per 1e12 dequantized weights (fitted to zero)
 LAYER_PASS_S = 0.00138  # seconds of overhead per decoder layer per pass
@@ -275,18 +276,19 @@ def micro_step_terms(shape: ModelShape, cfg: RunConfig, padded_len: float, tflop
     return {k: v * coef[k] for k, v in step_features(shape, cfg, padded_len, tflops).items()}
 
 
-def combine(terms: dict[str, float]) -> float:
+def combine(terms: dict[str, float], p: float = OVERLAP_P) -> float:
     """One micro-batch's seconds from its terms: the GPU's work and the CPU's launch work
     overlap (the CPU queues kernels ahead while the GPU runs them), so they combine as
     (G^p + C^p)^(1/p), near the larger of the two and above it where they are close; the
     activations' copies to host RAM and back (their own stream) join the same norm; the
-    embedding rows' host gather and ZeRO-3's gathers add. Where the CPU's part is the larger (small models,
-    QLoRA's per-linear calls at small micro-batches) the step waits on Python."""
+    embedding rows' host gather and ZeRO-3's gathers add. Where the CPU's part is the larger
+    (small models, QLoRA's per-linear calls at small micro-batches) the step waits on Python.
+    The terms may be numpy arrays (scripts/fit_speed.py fits through this same formula)."""
     gpu = sum(terms.get(k, 0.0) for k in GPU_TERMS)
     cpu = sum(terms.get(k, 0.0) for k in CPU_TERMS)
     copies = sum(terms.get(k, 0.0) for k in COPY_TERMS)
-    rest = sum(v for k, v in terms.items() if k not in GPU_TERMS + CPU_TERMS + COPY_TERMS)
-    return (gpu**OVERLAP_P + cpu**OVERLAP_P + copies**OVERLAP_P) ** (1 / OVERLAP_P) + rest
+    rest = sum(v for k, v in terms.items() if k not in _NORM_TERMS)
+    return (gpu**p + cpu**p + copies**p) ** (1 / p) + rest
 
 
 def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float) -> float:
