@@ -662,6 +662,10 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
             return json.loads((run_dir / METRICS).read_text()) if (run_dir / METRICS).is_file() else {}
     check_disk_for_checkpoints(run_dir, model, cfg)
     trainer.add_callback(preemption)
+    if os.environ.get("VRAMFIT_PROFILE") and rank0:
+        from .step_profile import StepProfiler
+
+        trainer.add_callback(StepProfiler(os.environ["VRAMFIT_PROFILE"], doc["device"] == "cuda"))
     if preemption.requested is not None:
         _mark_preempted(run_dir, None, rank0)
         raise Preempted("stopped by a signal before training started; nothing to save", "rerun the same command to start")

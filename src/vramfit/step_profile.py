@@ -1,0 +1,88 @@
+"""VRAMFIT_PROFILE=FILE: where a few training steps spend their time, for finding what makes a
+run slower than the speed model predicts (scripts/profile_steps.py compares runs with it).
+
+torch.profiler records optimizer steps FIRST+1 .. FIRST+STEPS (after the warm-up steps, which
+pay one-off costs) and FILE gets: each step's wall time, the CPU time of the training thread's
+operators against the GPU's kernel time (a step whose GPU time is well below its wall time
+waits on the CPU), and the operators with the most self CPU and self GPU time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+FIRST = 3  # optimizer steps left to warm up before recording
+STEPS = 4
+
+
+class StepProfiler(TrainerCallback):
+    def __init__(self, path: str, cuda: bool) -> None:
+        self.path = Path(path)
+        self.cuda = cuda
+        self.prof = None
+        self.marks: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.prof is None and state.global_step == FIRST:
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+            self.marks = [time.perf_counter()]
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.prof is None or not self.marks:
+            return
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.marks.append(time.perf_counter())
+        if len(self.marks) == STEPS + 1:
+            self.prof.__exit__(None, None, None)
+            self.write()
+            self.marks = []
+
+    def on_train_end(self, args, state, control, **kw):
+        # A run that ended inside the window: stop recording, and write the steps it had.
+        if self.prof is not None and self.marks:
+            self.prof.__exit__(None, None, None)
+            if len(self.marks) > 1:
+                self.write()
+            self.marks = []
+
+    def write(self) -> None:
+        events = self.prof.key_averages()
+        gpu_attr = "self_device_time_total" if not events or hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        steps = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        # Self times do not double count nested operators: the operators' CPU time (the
+        # Python between them is not in it). The GPU's: the kernels' own events only (an
+        # operator's self device time repeats its kernels'), as torch's table totals it.
+        from torch.autograd import DeviceType
+
+        cpu_ops_us = sum(e.self_cpu_time_total for e in events)
+        gpu_us = sum(
+            getattr(e, gpu_attr, 0) or 0 for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        )
+        summary = {
+            "steps_profiled": len(steps),
+            "step_seconds": [round(x, 4) for x in steps],
+            "mean_step_s": round(sum(steps) / len(steps), 4),
+            "ops_self_cpu_s_per_step": round(cpu_ops_us / 1e6 / len(steps), 4),
+            "gpu_kernels_s_per_step": round(gpu_us / 1e6 / len(steps), 4),
+            # Where gpu_kernels_s_per_step is well below mean_step_s the GPU waits on the CPU.
+            "note": "profiled steps run slower than unprofiled ones (the profiler's own overhead is CPU time)",
+        }
+        by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=40)
+        by_gpu = events.table(sort_by=gpu_attr, row_limit=30) if self.cuda else ""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n\n# by self CPU time\n" + by_cpu + "\n\n# by self GPU time\n" + by_gpu + "\n")
+        tmp.replace(self.path)
