@@ -285,6 +285,35 @@ def test_launch_sh_gpu_has_no_cpu_accelerator(tmp_path, no_gpu_facts):
     assert "-m vramfit.train" in text and "accelerate" not in text
 
 
+def test_launch_sh_gpu_run_takes_one_cpu_thread(tmp_path, no_gpu_facts):
+    # OMP_NUM_THREADS=1 where the CPU only drives the GPU (launch.cpu_threads_env).
+    run_dir, _ = render(tmp_path, "8gb", no_gpu_facts)
+    assert "export OMP_NUM_THREADS=1\n" in (run_dir / "launch.sh").read_text()
+    cpu_dir, _ = render(tmp_path, "cpu", no_gpu_facts)
+    assert "OMP_NUM_THREADS" not in (cpu_dir / "launch.sh").read_text()  # the CPU trains: all its cores
+
+
+def test_launch_sh_keeps_cpu_threads_where_the_cpu_computes(tmp_path, no_gpu_facts):
+    # DeepSpeed's CPU Adam (offload) and embedding lookups in host RAM run OpenMP/CPU work.
+    run_dir, _ = render(tmp_path, "zero3-offload", no_gpu_facts)
+    assert "OMP_NUM_THREADS" not in (run_dir / "launch.sh").read_text()
+    from vramfit.launch import cpu_threads_env
+
+    base = RunConfig.model_validate({"method": "qlora"})
+    assert cpu_threads_env(base, "cuda") == {"OMP_NUM_THREADS": "1"}
+    assert cpu_threads_env(base, "cpu") == {}
+    assert cpu_threads_env(base.model_copy(update={"train": base.train.model_copy(update={"offload_embeddings": True})}), "cuda") == {}
+    zero2 = RunConfig.model_validate({"deepspeed": {"stage": 2, "offload_optimizer": True}})
+    assert cpu_threads_env(zero2, "cuda") == {}
+
+
+def test_launch_sh_user_cpu_threads_win(tmp_path, no_gpu_facts):
+    run_dir, _ = render(tmp_path, "8gb", no_gpu_facts, ["launch.env.OMP_NUM_THREADS=4"])
+    text = (run_dir / "launch.sh").read_text()
+    assert "export OMP_NUM_THREADS=4\n" in text
+    assert text.count("OMP_NUM_THREADS") == 1
+
+
 def test_launch_sh_multi_gpu(tmp_path, no_gpu_facts):
     run_dir, _ = render(tmp_path, "multi-gpu", no_gpu_facts, ["launch.gpus=4"])
     text = (run_dir / "launch.sh").read_text()

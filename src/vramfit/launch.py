@@ -56,6 +56,25 @@ def build_command(cfg: RunConfig, run_dir: str = "$RUN_DIR", python: str = "$PYT
     return Command(argv, env)
 
 
+def cpu_threads_env(cfg: RunConfig, device: str) -> dict[str, str]:
+    """OMP_NUM_THREADS=1 for a GPU run whose CPU does nothing but drive the GPU.
+
+    Left unset, every training process starts one OpenMP thread per core. On an H200 host
+    the Qwen2.5-0.5B plans, whose steps wait on the Python thread that launches the kernels,
+    trained 6% (checkpointed) and 23% (not) faster with one thread, interleaved runs on one
+    machine (docs/benchmarks/speed-checks/13-small-model-spread/); the likely cause, not
+    confirmed, is OpenMP's idle threads spinning after the loop's small CPU-side operations
+    and taking cycles from that thread. torchrun sets the same for several processes. Not set where the CPU computes for the run: on a CPU-only machine,
+    DeepSpeed's CPU Adam (optimizer or parameters offloaded; OpenMP-parallel) and the input
+    embeddings kept in host RAM (their lookups run on the CPU). A value in launch.env wins."""
+    if device != "cuda" or "OMP_NUM_THREADS" in cfg.launch.env:
+        return {}
+    ds = cfg.deepspeed
+    if ds.offload_optimizer or ds.offload_params or cfg.train.offload_embeddings:
+        return {}
+    return {"OMP_NUM_THREADS": "1"}
+
+
 def launch_script(cfg: RunConfig, python: str | None = None, extra_env: dict[str, str] | None = None) -> str:
     """launch.sh: usable as-is from a cloud shell script; extra args go to the trainer."""
     cmd = build_command(cfg)

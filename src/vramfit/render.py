@@ -20,7 +20,7 @@ import yaml
 
 from . import __version__
 from .errors import UsageError
-from .launch import launch_script
+from .launch import cpu_threads_env, launch_script
 from .plan import Plan
 from .presets import deepspeed_dir
 
@@ -187,6 +187,7 @@ def write_run_dir(plan: Plan, out: Path) -> Path:
         script = tmp / "launch.sh"
         # On a CPU run DeepSpeed (imported by transformers) would warn that it found no GPU.
         extra_env = {"DS_ACCELERATOR": "cpu"} if plan.device == "cpu" else {}
+        extra_env |= cpu_threads_env(plan.config, plan.device)
         script.write_text(launch_script(plan.config, extra_env=extra_env), encoding="utf-8")
         script.chmod(0o700)
         if out.exists():
