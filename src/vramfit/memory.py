@@ -64,6 +64,11 @@ FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE_LIGER = 0.000
 FUSED_RESIDUAL_PER_TOKEN_INTERMEDIATE_ADAPTED = 4.061
 # ZeRO-3's stage3_max_live_parameters in configs/deepspeed/zero3*.json.
 ZERO3_MAX_LIVE_ELEMENTS = 1e9
+# QLoRA under ZeRO-3: what DeepSpeed's gather stream keeps reserved beyond what it holds, in
+# output heads (16-bit). One run, Qwen2.5-7B on 2 H200s (docs/benchmarks/distributed/
+# session9-qlora3-diagnosis/): 6.09 GiB reserved for at most 4.15 allocated, 1.9 heads of
+# 1.02 GiB; 2 is taken. In-sample: another shape's figure is an extrapolation.
+ZERO3_QLORA_GATHER_SLACK_HEADS = 2.0
 # With several ranks, NCCL's buffers and communicators also live outside the
 # allocator: NVML minus reserved read 2.04 GiB per rank on 2 H200s (ZeRO-2 and
 # ZeRO-3 alike), 1.29 GiB more than one process alone.
@@ -507,6 +512,7 @@ def estimate(
         weights -= host_embedding_bytes(shape, cfg, dtype)
     step_slack = 0.0  # reserved but not allocated at the optimizer step, beyond OTHER_SLACK
     gathered = 0.0  # ZeRO-3: parameters gathered whole for the modules computing now
+    gather_slack = 0.0  # ZeRO-3 QLoRA: reserved, not allocated, on DeepSpeed's gather stream
     if stage == 3:
         unsharded = weights
         weights = 0.0 if cfg.deepspeed.offload_params else weights / world
@@ -526,6 +532,10 @@ def estimate(
             # stream holds 3.04 GiB for good after the first forward, the 7B's 4-bit
             # linears exactly, and 1.1 GiB more (the head) at the end of each forward.
             gathered = shape.linear_params * _quant_bytes(cfg) + shape.head_params * b
+            # That stream's cache: memory the default stream cannot reuse. It reserved 6.09 GiB
+            # for at most 4.15 allocated there: the head gathered, freed and gathered again
+            # leaves about two heads' worth cached beyond what it holds.
+            gather_slack = ZERO3_QLORA_GATHER_SLACK_HEADS * shape.head_params * b
 
     if stage:
         # DeepSpeed casts every parameter to the 16-bit dtype and keeps the fp32 copy
@@ -648,9 +658,9 @@ def estimate(
         "optimizer step": (base + gradients + opt_temp, {"gradients": gradients, "optimizer": optimizer + opt_temp}),
     }
     slack = {
-        "loss": loss_slack,
-        "backward": OTHER_SLACK * phases["backward"][0],
-        "optimizer step": OTHER_SLACK * phases["optimizer step"][0] + step_slack,
+        "loss": loss_slack + gather_slack,
+        "backward": OTHER_SLACK * phases["backward"][0] + gather_slack,
+        "optimizer step": OTHER_SLACK * phases["optimizer step"][0] + step_slack + gather_slack,
     }
     phase = max(phases, key=lambda k: phases[k][0] + slack[k])
     _, live = phases[phase]
