@@ -73,7 +73,9 @@ DEFAULT_TFLOPS = 312.0
 # grid cells whose plan this form changed and the 8 GB plans at micro-batch 8 and 16, -4% to
 # -12% (docs/memory-model.md, "Speed model"). Repeated runs of one plan on two H200 hosts differ
 # by up to 27%. Known misses: the 0.5B with checkpointing ~30% slower than predicted in every
-# grid; the seed configs' fp32-embedding runs (not fitted).
+# grid (its steps wait on the CPU, and this model's GPU part for it is too high, its CPU part too
+# low: profiled in docs/benchmarks/speed-checks/13-small-model-spread/); the seed configs'
+# fp32-embedding runs (not fitted).
 # How the terms combine (combine()): the matrix work, dequantization and loss are the GPU's;
 # the per-layer, per-adapted-linear and per-4-bit-linear overheads the CPU's. The two
 # overlap, as a p-norm with this p (3: leave-one-out best of 2, 2.5, 3, 4 and 6 within 0.4
