@@ -326,7 +326,10 @@ def design(rows: list[Row], names: tuple[str, ...]) -> tuple[np.ndarray, np.ndar
     for r in rows:
         f = r.features()
         x.append([f[n] for n in names])
-        fixed.append([f["offload_activations"] * coef["offload_activations"], sum(f[k] * coef[k] for k in speed.COPY_TERMS)])
+        # Additive: the copies without checkpointing and the embedding rows' host gather (the
+        # terms speed.combine adds after the norm; neither is fitted here).
+        fixed.append([f["offload_activations"] * coef["offload_activations"] + f["embed_rows"] * coef["embed_rows"],
+                      sum(f[k] * coef[k] for k in speed.COPY_TERMS)])  # fmt: skip
         t.append(r.measured_seconds())
     return np.array(x, float), np.array(fixed, float), np.array(t, float)
 
