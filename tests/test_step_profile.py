@@ -31,6 +31,17 @@ def test_profiles_the_steps_after_warm_up(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_resumed_run_is_profiled_after_its_own_warm_up(tmp_path):
+    out = tmp_path / "profile.txt"
+    prof = StepProfiler(str(out), cuda=False)
+    for step in range(50, 50 + FIRST + STEPS):  # resumed at step 50
+        prof.on_step_begin(None, types.SimpleNamespace(global_step=step), None)
+        torch.ones(8) @ torch.ones(8)
+        prof.on_step_end(None, types.SimpleNamespace(global_step=step + 1), None)
+    text = out.read_text()
+    assert json.loads(text[: text.index("\n\n#")])["steps_profiled"] == STEPS
+
+
 def test_a_run_that_ends_inside_the_window_writes_the_steps_it_had(tmp_path):
     out = tmp_path / "profile.txt"
     prof = StepProfiler(str(out), cuda=False)

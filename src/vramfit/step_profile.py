@@ -1,8 +1,8 @@
 """VRAMFIT_PROFILE=FILE: where a few training steps spend their time, for finding what makes a
-run slower than the speed model predicts (scripts/profile_steps.py compares runs with it).
+run slower than the speed model predicts (scripts/speed_ab.py compares runs with it).
 
-torch.profiler records optimizer steps FIRST+1 .. FIRST+STEPS (after the warm-up steps, which
-pay one-off costs) and FILE gets: each step's wall time, the CPU time of the training thread's
+torch.profiler records STEPS optimizer steps after the first FIRST this process trains (which
+pay one-off costs; counted from where a resumed run starts) and FILE gets: each step's wall time, the CPU time of the training thread's
 operators against the GPU's kernel time (a step whose GPU time is well below its wall time
 waits on the CPU), and the operators with the most self CPU and self GPU time.
 """
@@ -25,9 +25,12 @@ class StepProfiler(TrainerCallback):
         self.cuda = cuda
         self.prof = None
         self.marks: list[float] = []
+        self.start: int | None = None  # the step this process began training at
 
     def on_step_begin(self, args, state, control, **kw):
-        if self.prof is None and state.global_step == FIRST:
+        if self.start is None:
+            self.start = state.global_step
+        if self.prof is None and state.global_step == self.start + FIRST:
             import torch
             from torch.profiler import ProfilerActivity, profile
 
