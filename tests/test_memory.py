@@ -289,6 +289,21 @@ def plan_for(preset, facts, shape=Q7, set_items=None, overrides=None):
     return build_plan(r.config, shape, facts, r.sources, preset)
 
 
+def test_plan_says_when_its_steps_are_predicted_to_wait_on_the_cpu():
+    # A 0.5B's launch work outweighs its GPU work (docs/benchmarks/speed-checks/13-...): its
+    # speed follows the host CPU, and the plan says so; a 7B at micro-batch 16 does not wait.
+    from conftest import QWEN05_CONFIG
+
+    h200 = fake_facts(141, name="NVIDIA H200")
+    lora16 = ["method=lora", "data.seq_len=512", "train.micro_batch=16", "train.grad_accum=1"]
+    small = plan_for("80gb", h200, shape=shape_from_config(QWEN05_CONFIG), set_items=lora16)
+    assert small.speed.cpu_bound
+    assert any("predicted to wait on the CPU" in n for n in small.notes)
+    big = plan_for("80gb", h200, set_items=lora16)
+    assert not big.speed.cpu_bound
+    assert not any("wait on the CPU" in n for n in big.notes)
+
+
 def test_8gb_preset_fits_7b_on_8gb_card():
     p = plan_for("8gb", fake_facts(8), overrides={"budget_gib": 8})
     assert p.budget_gib == 8 and p.budget_source == "--budget"

@@ -208,6 +208,14 @@ def build_plan(
             wall = steps * eff * per_seq / speed.tokens_per_s
         if not speed.gpu_known:
             notes.append(f"speed is scaled from an A100's: {facts.gpus[0].name} is not in vramfit's GPU table")
+        if speed.cpu_bound:
+            # Measured: one such plan (Qwen2.5-0.5B, 16 x 1) trained 15.6k-24.0k tokens/s in three
+            # processes on one H200 host (docs/benchmarks/speed-checks/13-small-model-spread/).
+            notes.append(
+                f"predicted to wait on the CPU (its launch work {speed.cpu_to_gpu:.1f}x the GPU's per micro-batch): "
+                "the speed follows the host CPU (one such plan, Qwen2.5-0.5B's, measured 15.6k to 24.0k tokens/s "
+                "in three runs on one machine); a larger micro-batch, if it fits, does more GPU work per Python call"
+            )
     plan = Plan(
         config=config,
         sources=sources or {},

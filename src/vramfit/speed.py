@@ -304,6 +304,13 @@ class SpeedEstimate:
     tokens_per_s: float  # real (non-padding) tokens per second, all GPUs together
     padded_share: float  # share of computed positions that are padding
     gpu_known: bool
+    # The CPU's launch work per micro-batch over the GPU's (combine()'s two parts): above 1 the
+    # steps wait on Python, and the speed follows the host CPU more than the GPU.
+    cpu_to_gpu: float = 0.0
+
+    @property
+    def cpu_bound(self) -> bool:
+        return self.cpu_to_gpu > 1.0
 
 
 def batch_lengths(cfg: RunConfig, lengths: LengthStats | None) -> tuple[float, float]:
@@ -327,6 +334,10 @@ def estimate_speed(shape: ModelShape, cfg: RunConfig, lengths: LengthStats | Non
     With packing, the trainer's sequences are packed rows: their lengths replace the examples'."""
     tflops, known = gpu_tflops(gpu_name)
     padded, real = batch_lengths(cfg, lengths)
-    t = micro_step_seconds(shape, cfg, padded, tflops)
+    terms = micro_step_terms(shape, cfg, padded, tflops)
+    t = combine(terms)
     rate = cfg.train.micro_batch * real / t * cfg.world_size
-    return SpeedEstimate(tokens_per_s=rate, padded_share=1 - real / padded if padded else 0.0, gpu_known=known)
+    gpu, cpu = (sum(terms[k] for k in ks) for ks in (GPU_TERMS, CPU_TERMS))
+    return SpeedEstimate(
+        tokens_per_s=rate, padded_share=1 - real / padded if padded else 0.0, gpu_known=known, cpu_to_gpu=cpu / gpu if gpu else 0.0
+    )
