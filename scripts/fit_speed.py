@@ -326,9 +326,10 @@ def design(rows: list[Row], names: tuple[str, ...]) -> tuple[np.ndarray, np.ndar
     for r in rows:
         f = r.features()
         x.append([f[n] for n in names])
-        # Additive: the copies without checkpointing and the embedding rows' host gather (the
-        # terms speed.combine adds after the norm; neither is fitted here).
-        fixed.append([f["offload_activations"] * coef["offload_activations"] + f["embed_rows"] * coef["embed_rows"],
+        # Every term speed.combine adds after the norm that is not fitted here (the copies
+        # without checkpointing, the embedding rows' host gather), by speed.NORM_TERMS rather
+        # than by name, so a term speed.py adds is counted here too; and the copies in the norm.
+        fixed.append([sum(v * coef[k] for k, v in f.items() if k in coef and k not in names and k not in speed.NORM_TERMS),
                       sum(f[k] * coef[k] for k in speed.COPY_TERMS)])  # fmt: skip
         t.append(r.measured_seconds())
     return np.array(x, float), np.array(fixed, float), np.array(t, float)

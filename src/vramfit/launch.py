@@ -64,9 +64,11 @@ def cpu_threads_env(cfg: RunConfig, device: str) -> dict[str, str]:
     trained 6% (checkpointed) and 23% (not) faster with one thread, interleaved runs on one
     machine (docs/benchmarks/speed-checks/13-small-model-spread/); the likely cause, not
     confirmed, is OpenMP's idle threads spinning after the loop's small CPU-side operations
-    and taking cycles from that thread. torchrun sets the same for several processes. Not set where the CPU computes for the run: on a CPU-only machine,
-    DeepSpeed's CPU Adam (optimizer or parameters offloaded; OpenMP-parallel) and the input
-    embeddings kept in host RAM (their lookups run on the CPU). A value in launch.env wins."""
+    and taking cycles from that thread. torchrun sets the same for several processes.
+
+    Not set where the CPU computes for the run: on a CPU-only machine, DeepSpeed's CPU Adam
+    (optimizer or parameters offloaded; OpenMP-parallel) and the input embeddings kept in
+    host RAM (their lookups run on the CPU). A value in launch.env wins."""
     if device != "cuda" or "OMP_NUM_THREADS" in cfg.launch.env:
         return {}
     ds = cfg.deepspeed

@@ -70,9 +70,10 @@ DEFAULT_TFLOPS = 312.0
 # and the calibration runs that had the GPU alone (the others and their reasons: the script's
 # table); refitted in session 10 with the embedding rows' term (EMBED_ROWS_GB_S) counted in the
 # fit as speed.py counts it (it was left out before: the constants moved by under 1%). Error in
-# tokens/s: median 6.7%, worst 46% in-sample; median 8.2%, worst 46% leaving each run out (the summed form before session 9: 11.5%, 55%). Out of sample since: the three
-# grid cells whose plan this form changed and the 8 GB plans at micro-batch 8 and 16, -4% to
-# -12% (docs/memory-model.md, "Speed model"). Repeated runs of one plan on two H200 hosts differ
+# tokens/s: median 6.7%, worst 46% in-sample; median 8.2%, worst 46% leaving each run out (the
+# summed form before session 9: 11.5%, 55%). Out of sample since: the three grid cells whose
+# plan this form changed and the 8 GB plans at micro-batch 8 and 16, -4% to -12%
+# (docs/memory-model.md, "Speed model"). Repeated runs of one plan on two H200 hosts differ
 # by up to 27%. Known misses: the 0.5B with checkpointing ~30% slower than predicted in every
 # grid (its steps wait on the CPU, and this model's GPU part for it is too high, its CPU part too
 # low: profiled in docs/benchmarks/speed-checks/13-small-model-spread/); the seed configs'
@@ -90,7 +91,7 @@ CPU_TERMS = ("layer_pass", "module_pass", "q4_module_pass")
 # terms for 3.3 GB at the 7B's 8k tokens). Without checkpointing the backward waits on every
 # saved tensor's copy back, and the copies add (1.2-1.5 s for 64-81 GB there).
 COPY_TERMS = ("offload_checkpointed",)
-_NORM_TERMS = GPU_TERMS + CPU_TERMS + COPY_TERMS
+NORM_TERMS = GPU_TERMS + CPU_TERMS + COPY_TERMS  # the rest add after the norm
 MATMUL_EFFICIENCY = 1 / 1.719  # fraction of the dense peak the matrix work reaches
 DEQUANT_S_PER_TPARAM_PASS = 1.14e-17  # seconds per 1e12 dequantized weights (fitted to zero)
 LAYER_PASS_S = 0.0014  # seconds of overhead per decoder layer per pass
@@ -287,11 +288,14 @@ def combine(terms: dict[str, float], p: float = OVERLAP_P) -> float:
     embedding rows' host gather and ZeRO-3's gathers add. Where the CPU's part is the larger
     (small models, QLoRA's per-linear calls at small micro-batches) the step waits on Python.
     The terms may be numpy arrays (scripts/fit_speed.py fits through this same formula)."""
-    gpu = sum(terms.get(k, 0.0) for k in GPU_TERMS)
-    cpu = sum(terms.get(k, 0.0) for k in CPU_TERMS)
-    copies = sum(terms.get(k, 0.0) for k in COPY_TERMS)
-    rest = sum(v for k, v in terms.items() if k not in _NORM_TERMS)
+    gpu, cpu, copies = norm_parts(terms)
+    rest = sum(v for k, v in terms.items() if k not in NORM_TERMS)
     return (gpu**p + cpu**p + copies**p) ** (1 / p) + rest
+
+
+def norm_parts(terms: dict) -> tuple:
+    """The GPU's, the CPU's and the copies' seconds: the three parts of combine()'s norm."""
+    return tuple(sum(terms.get(k, 0.0) for k in ks) for ks in (GPU_TERMS, CPU_TERMS, COPY_TERMS))
 
 
 def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float) -> float:
@@ -337,7 +341,7 @@ def estimate_speed(shape: ModelShape, cfg: RunConfig, lengths: LengthStats | Non
     terms = micro_step_terms(shape, cfg, padded, tflops)
     t = combine(terms)
     rate = cfg.train.micro_batch * real / t * cfg.world_size
-    gpu, cpu = (sum(terms[k] for k in ks) for ks in (GPU_TERMS, CPU_TERMS))
+    gpu, cpu, _ = norm_parts(terms)
     return SpeedEstimate(
         tokens_per_s=rate, padded_share=1 - real / padded if padded else 0.0, gpu_known=known, cpu_to_gpu=cpu / gpu if gpu else 0.0
     )
