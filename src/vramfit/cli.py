@@ -302,6 +302,13 @@ def _default_out(plan) -> Path:
     return Path("runs") / f"{slug}-{plan.preset or 'custom'}"
 
 
+def _ckpt_words(c, layers: int) -> str:
+    if not c.train.grad_ckpt:
+        return "off"
+    n = c.train.grad_ckpt_layers
+    return "on" if n is None or n >= layers else f"on for the first {n} of {layers} layers"
+
+
 def _print_plan(plan, verbose: bool) -> None:
     c = plan.config
     gpus = f"{c.world_size} GPU{'s' if c.world_size > 1 else ''}" if plan.device == "cuda" else "CPU"
@@ -312,7 +319,7 @@ def _print_plan(plan, verbose: bool) -> None:
     typer.echo(
         f"  seq {c.data.seq_len}, micro-batch {c.train.micro_batch} x accumulation {c.train.grad_accum}"
         f" = {c.train.micro_batch * c.train.grad_accum * c.world_size} {'packed rows' if c.data.packing else 'sequences'}/step,"
-        f" checkpointing {'on' if c.train.grad_ckpt else 'off'}, optimizer {c.train.optimizer}"
+        f" checkpointing {_ckpt_words(c, plan.shape.layers)}, optimizer {c.train.optimizer}"
         + (f", ZeRO-{c.deepspeed.stage}" if c.deepspeed.stage else "")
     )
     for line in plan.choices:

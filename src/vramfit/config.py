@@ -95,6 +95,13 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     optimizer: Optimizer = "adamw_torch"
     grad_ckpt: bool = True
+    # With grad_ckpt, checkpoint only the first N decoder layers (None: all of them). The
+    # others keep what they save for backward, so the backward recomputes N layers, not all:
+    # where a budget has room for some layers' activations but not every layer's, that is
+    # less recomputation for the same peak. The last layers are the ones kept, since their
+    # backward runs first and frees them before any recomputation begins. Auto-fit picks the
+    # fewest that fit (fit.py).
+    grad_ckpt_layers: PositiveInt | None = None
     # Keep what autograd saves for backward in host RAM instead of on the GPU: with
     # grad_ckpt, each decoder layer's input (layers x tokens x hidden); without, every
     # tensor each layer saves. It crosses PCIe twice per micro-batch (src/vramfit/offload.py).
@@ -203,6 +210,12 @@ class RunConfig(_Section):
             raise ValueError(f"launch.node_rank {self.launch.node_rank} must be below launch.nodes {self.launch.nodes}")
         if self.method == "qlora" and self.deepspeed.offload_params:
             raise ValueError("qlora cannot offload 4-bit parameters (deepspeed.offload_params); use method lora")
+        if self.train.grad_ckpt_layers is not None:
+            if not self.train.grad_ckpt:
+                raise ValueError("train.grad_ckpt_layers needs train.grad_ckpt true")
+            # offload.py moves every layer's input (or every saved tensor) the same way.
+            if self.train.offload_activations:
+                raise ValueError("train.grad_ckpt_layers does not combine with train.offload_activations; unset one")
         if self.train.offload_embeddings:
             if not self.uses_adapter:
                 raise ValueError("train.offload_embeddings needs method lora or qlora (full fine-tuning trains the embeddings)")

@@ -1,7 +1,7 @@
 """Auto-fit: the fastest configuration whose predicted peak fits the budget. Pure.
 
 Searches method, sequence length, micro-batch (keeping the effective batch),
-gradient checkpointing, optimizer, the fused loss, the input embeddings in host RAM and
+gradient checkpointing (every layer, none, or as few of the first layers as fit), optimizer, the fused loss, the input embeddings in host RAM and
 DeepSpeed's tiled MLP (each only where it buys a faster plan or a longer sequence), activations in host RAM (only where that reaches a
 longer sequence) and, with several GPUs, the DeepSpeed ZeRO stage
 (on one GPU, ZeRO-3 with CPU offload as the last resort when nothing else fits),
@@ -31,6 +31,10 @@ MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # predicted this much faster than the best one without: less is within the speed model's error.
 OFFLOAD_MIN_GAIN = 0.05
 MIN_SEQ = 128
+# Checkpointing only some layers (train.grad_ckpt_layers) is kept only where the plan is
+# predicted this much faster than the same plan with every layer checkpointed: a layer or
+# two fewer recomputed is within the speed model's error, and not worth the change.
+PARTIAL_CKPT_MIN_GAIN = 0.03
 # Among equally fast plans on several GPUs: ZeRO-2 first (the multi-GPU path measured on
 # GPUs, docs/benchmarks/distributed.md), then plain data parallel, then ZeRO-3 (it
 # gathers every weight each pass: slower, chosen for memory only).
@@ -67,6 +71,28 @@ def _seq_candidates(lengths: LengthStats | None, pinned: int | None, current: in
     return sorted(set(out), reverse=True)
 
 
+def _fewest_checkpointed(
+    shape: ModelShape, cfg: RunConfig, dtype: str, longest: int | None, shortest: int | None, limit: float
+) -> tuple[RunConfig, float] | None:
+    """``cfg`` (which fits ``limit`` with every layer checkpointed) with as few layers
+    checkpointed as still fit, and its peak; None where even one layer fewer does not fit.
+    Bisection, since what fits is every count from some N up: the peak at the loss falls
+    with each layer checkpointed (it keeps its input, not its activations), and the
+    backward's, which holds the checkpointed layers' inputs while it recomputes, grows with
+    them but is at its largest with every layer checkpointed, and that fits."""
+    lo, hi = 1, shape.layers  # hi fits (the caller's plan); find the smallest that does
+    found = None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        trial = _with(cfg, train__grad_ckpt_layers=mid)
+        peak = estimate(shape, trial, dtype, "cuda", longest, shortest).peak_gib
+        if peak <= limit:
+            hi, found = mid, (trial, peak)
+        else:
+            lo = mid + 1
+    return found
+
+
 def auto_fit(
     base: RunConfig,
     pinned: set[str],
@@ -100,7 +126,15 @@ def auto_fit(
         mbs = [1]  # flash attention keeps packed examples apart only one row at a time (plan.py)
     else:
         mbs = [m for m in MICRO_BATCHES if effective % (m * world) == 0] or [1]
-    ckpts = [base.train.grad_ckpt] if "train.grad_ckpt" in pinned else [False, True]
+    layers_pinned = "train.grad_ckpt_layers" in pinned
+    if layers_pinned and base.train.grad_ckpt_layers is not None:
+        ckpts = [True]  # config.py: grad_ckpt_layers needs grad_ckpt
+    else:
+        ckpts = [base.train.grad_ckpt] if "train.grad_ckpt" in pinned else [False, True]
+    # Checkpointing only the first layers is searched where checkpointing is, unless the
+    # user pinned checkpointing on (every layer, as asked) or pinned the count.
+    partial_ok = not layers_pinned and "train.grad_ckpt" not in pinned
+    kept_layers = base.train.grad_ckpt_layers if layers_pinned else None
 
     def optimizers(method: str) -> list[str]:
         if "train.optimizer" in pinned:
@@ -162,6 +196,8 @@ def auto_fit(
                     continue  # offload replaces the optimizer with CPU Adam (distributed.py)
                 if emb and (method == "full" or ds.get("deepspeed__stage")):
                     continue  # config.py refuses it there
+                if offload_acts and kept_layers is not None:
+                    continue  # config.py refuses the two together
                 ga = base.train.grad_accum if "train.grad_accum" in pinned else max(effective // (mb * world), 1)
                 cfg = _with(
                     base,
@@ -170,6 +206,7 @@ def auto_fit(
                     train__micro_batch=mb,
                     train__grad_accum=ga,
                     train__grad_ckpt=ckpt,
+                    train__grad_ckpt_layers=kept_layers if ckpt else None,
                     train__optimizer=opt,
                     train__offload_activations=offload_acts,
                     train__offload_embeddings=emb,
@@ -186,6 +223,12 @@ def auto_fit(
                     least = cand
                 if peak <= limit:
                     found.append(cand)
+                    if ckpt and partial_ok and not offload_acts:
+                        fewer = _fewest_checkpointed(shape, cfg, dtype, longest, shortest, limit)
+                        if fewer is not None:
+                            quicker = estimate_speed(shape, fewer[0], lengths, gpu_name).tokens_per_s
+                            if quicker >= speed * (1 + PARTIAL_CKPT_MIN_GAIN):
+                                found.append(Candidate(fewer[0], fewer[1], quicker))
         return found, least
 
     def reach(found: list[Candidate]) -> int:
@@ -346,8 +389,20 @@ def _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, wor
         + (f" x {world} GPUs" if world > 1 else "")
         + f" = effective batch {mb * ga * world} (kept at {effective}): {tag}{more}"
     )
-    if "train.grad_ckpt" in pinned:
+    n_layers = c.train.grad_ckpt_layers
+    if "train.grad_ckpt_layers" in pinned and n_layers is not None:
+        lines.append(f"train.grad_ckpt true, train.grad_ckpt_layers {n_layers}: pinned")
+    elif "train.grad_ckpt" in pinned:
         lines.append(f"train.grad_ckpt {str(c.train.grad_ckpt).lower()}: pinned")
+    elif n_layers is not None:
+        every = fastest(lambda x: x.method == c.method and x.train.grad_ckpt and x.train.grad_ckpt_layers is None)
+        off = fastest(lambda x: x.method == c.method and not x.train.grad_ckpt)
+        alts = [f"{every.tokens_per_s:,.0f} tokens/s with every layer checkpointed" if every else "",
+                f"{off.tokens_per_s:,.0f} without checkpointing" if off else "without checkpointing nothing fits"]  # fmt: skip
+        lines.append(
+            f"train.grad_ckpt true, train.grad_ckpt_layers {n_layers}: only the first {n_layers} layers are recomputed; "
+            f"the rest keep their activations, as many as fit ({'; '.join(a for a in alts if a)})"
+        )
     elif c.train.grad_ckpt:
         off = fastest(lambda x: x.method == c.method and not x.train.grad_ckpt)
         lines.append(

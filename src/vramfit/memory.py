@@ -379,6 +379,15 @@ def _activation_sizes(
     return block_input, layer_activation_bytes(shape, cfg, dtype_bytes, seq, shortest), layer_transient_bytes(shape, cfg, dtype_bytes, seq)
 
 
+def checkpointed_layers(shape: ModelShape, cfg: RunConfig) -> int:
+    """How many decoder layers recompute in the backward: every one with train.grad_ckpt,
+    the first train.grad_ckpt_layers where set, none without it."""
+    if not cfg.train.grad_ckpt:
+        return 0
+    n = cfg.train.grad_ckpt_layers
+    return shape.layers if n is None else min(n, shape.layers)
+
+
 def offloaded_activation_gpu_bytes(layers: int, block_input: float, layer_acts: float, ckpt: bool) -> tuple[float, float]:
     """Saved activations left on the GPU with train.offload_activations: (at the loss, in
     the backward). Only what is in flight stays. With checkpointing every layer's input
@@ -569,11 +578,15 @@ def estimate(
     seq = longest_micro_batch(cfg, longest)
     tokens = cfg.train.micro_batch * seq
     block_input, layer_acts, transient = _activation_sizes(shape, cfg, b, longest, shortest)
-    ckpt_inputs = shape.layers * block_input
-    ckpt = cfg.train.grad_ckpt
+    n_ckpt = checkpointed_layers(shape, cfg)
+    ckpt = n_ckpt > 0
+    # Every layer checkpointed, or the last ones not (train.grad_ckpt_layers): their
+    # backward runs first, so by the time a layer is recomputed they are freed.
+    last_kept = n_ckpt < shape.layers
+    ckpt_inputs = n_ckpt * block_input
     # Saved activations live at the loss, and in the backward (one block recomputed).
-    saved = ckpt_inputs if ckpt else shape.layers * layer_acts
-    in_backward = ckpt_inputs + layer_acts if ckpt else layer_acts
+    saved = ckpt_inputs + (shape.layers - n_ckpt) * layer_acts
+    in_backward = ckpt_inputs + layer_acts
     if cfg.train.offload_activations and device == "cuda":
         # On a CPU run host RAM is where they already are.
         saved, in_backward = offloaded_activation_gpu_bytes(shape.layers, block_input, layer_acts, ckpt)
@@ -607,7 +620,7 @@ def estimate(
         # the residual counts at the loss.
         late_extra = max(residual - recomputed, 0.0)
         in_backward += late_extra
-        if not ckpt:
+        if last_kept:
             logits += residual
     else:
         late_extra = 0.0
@@ -648,7 +661,7 @@ def estimate(
         else:
             backward = (base + in_backward, {"gradients": 0.0, "activations": in_backward})
     at_loss = {"gradients": accumulated, "activations": saved, "logits": logits}
-    if not ckpt and transient > logits + loss_slack:
+    if last_kept and transient > logits + loss_slack:
         # The last layer's forward (every activation saved, its transient held) is the larger.
         at_loss = {"gradients": accumulated, "activations": saved + transient, "logits": 0.0}
         loss_slack = OTHER_SLACK * transient

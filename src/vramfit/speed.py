@@ -31,7 +31,14 @@ from functools import lru_cache
 
 from .config import RunConfig
 from .data import pack_rows
-from .memory import MLP_LINEARS, OFFLOAD_SAVED_COPIES_GPU, mlp_shards, offloaded_activation_transfer_bytes, pad_multiple
+from .memory import (
+    MLP_LINEARS,
+    OFFLOAD_SAVED_COPIES_GPU,
+    checkpointed_layers,
+    mlp_shards,
+    offloaded_activation_transfer_bytes,
+    pad_multiple,
+)
 from .model_shape import ModelShape
 
 # Dense bf16 tensor throughput (TFLOP/s, no sparsity) by GPU name, from the vendors'
@@ -204,13 +211,16 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
     ``feature x coefficient`` (COEFFICIENTS). One formula, used by micro_step_terms here and by
     scripts/fit_speed.py to fit the coefficients."""
     tokens = cfg.train.micro_batch * padded_len
-    full, ckpt = cfg.method == "full", cfg.train.grad_ckpt
+    full = cfg.method == "full"
+    # The share of the decoder layers recomputed in the backward (train.grad_ckpt_layers:
+    # some of them); each adds one forward of its own.
+    ckpt = checkpointed_layers(shape, cfg) / shape.layers
     n_matmul = shape.linear_params + shape.vocab * shape.hidden
     q = shape.heads * shape.head_dim
     flops = tokens * (
-        n_matmul * (4 + (2 if full else 0) + (2 if ckpt else 0)) + 2 * shape.layers * padded_len * q * (3 + (1 if ckpt else 0))
+        n_matmul * (4 + (2 if full else 0) + 2 * ckpt) + 2 * shape.layers * padded_len * q * (3 + ckpt)
     )
-    passes = 3 if ckpt else 2
+    passes = 2 + ckpt
     dequantized = passes * shape.linear_params
     shards = mlp_shards(shape.hidden, round(padded_len)) if cfg.kernels.tiled_mlp else 1
     if shards > 1:

@@ -196,6 +196,20 @@ class EmbeddingsOnHost(TrainerCallback):
         self.place()
 
 
+class PartialCheckpointing(TrainerCallback):
+    """train.grad_ckpt_layers: the Trainer turns checkpointing on for every decoder layer
+    as training begins (TrainingArguments.gradient_checkpointing); turn it off again for
+    all but the first N. Each layer's own flag is what transformers' GradientCheckpointingLayer
+    reads on every call, in 5.17 (which checkpoints __call__) and later (forward) alike."""
+
+    def __init__(self, layers: list, n: int) -> None:
+        self.layers, self.n = layers, n
+
+    def on_train_begin(self, args, state, control, **kw):
+        for i, layer in enumerate(self.layers):
+            layer.gradient_checkpointing = i < self.n
+
+
 def window_rate(marks: list[tuple[float, int, bool]]) -> float | None:
     """Tokens/s from the end of the first optimizer step to the end of the last. ``marks``:
     (time, tokens seen, whether the step met a new batch shape) at the end of each step."""
@@ -625,6 +639,18 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
                 "plan again with --set kernels.tiled_mlp=false",
             )
         log(f"kernels: the MLP of each of {tiled} decoder layers runs over chunks of the sequence (DeepSpeed TiledMLP)")
+    if cfg.train.grad_ckpt and cfg.train.grad_ckpt_layers is not None:
+        from .offload import outermost_layers
+
+        layers = outermost_layers(model)
+        if not layers:
+            raise VramfitError(
+                "train.grad_ckpt_layers: this model has no transformers GradientCheckpointingLayer decoder layers to choose from",
+                "plan again with --set train.grad_ckpt_layers=null",
+            )
+        n = min(cfg.train.grad_ckpt_layers, len(layers))
+        callbacks.append(PartialCheckpointing(layers, n))
+        log(f"checkpointing: the first {n} of {len(layers)} decoder layers are recomputed in the backward; the last {len(layers) - n} keep their activations")
     if cfg.train.offload_embeddings:
         from .offload import embeddings_on_host
 
