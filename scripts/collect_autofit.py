@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-FIELDS = ("arch,budget_gib,method,seq_len,micro_batch,grad_accum,grad_ckpt,optimizer,fused_loss,predicted_gib,measured_gib,"
+FIELDS = ("arch,budget_gib,method,seq_len,micro_batch,grad_accum,grad_ckpt,grad_ckpt_layers,optimizer,fused_loss,predicted_gib,measured_gib,"
           "mem_error_pct,under_budget,predicted_tokens_per_s,measured_tokens_per_s,speed_error_pct,"
           "now_predicted_gib,now_mem_error_pct,now_predicted_tokens_per_s,now_speed_error_pct,speed_fit_row,same_choice_now,"
           "steps,exit,gpu,command").split(",")
@@ -70,12 +70,17 @@ def choice_now(planned, r: dict) -> bool:
     return _same_choices(planned, r) and planned.kernels.liger_ops == liger(r)
 
 
+def ckpt_layers(r: dict) -> int | None:
+    """train.grad_ckpt_layers as the run had it (session 11 on; None before: every layer)."""
+    return ((r.get("planned_config") or {}).get("train") or {}).get("grad_ckpt_layers")
+
+
 def _same_choices(cfg, r: dict) -> bool:
     c = r["config"]
-    now = (cfg.method, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.grad_ckpt, cfg.train.optimizer,
-           cfg.kernels.fused_loss)  # fmt: skip
-    return now == (r["plan"]["method"], c["seq_len"], c["micro_batch"], c["grad_accum"], c["grad_ckpt"], c["optimizer"],
-                   fused(r))  # fmt: skip
+    now = (cfg.method, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.grad_ckpt,
+           cfg.train.grad_ckpt_layers, cfg.train.optimizer, cfg.kernels.fused_loss)  # fmt: skip
+    return now == (r["plan"]["method"], c["seq_len"], c["micro_batch"], c["grad_accum"], c["grad_ckpt"], ckpt_layers(r),
+                   c["optimizer"], fused(r))  # fmt: skip
 
 
 def liger(r: dict) -> bool:
@@ -129,6 +134,7 @@ def table(raw: Path, fit_rows: int = SPEED_FIT_ROWS) -> list[dict]:
         rate, prate = m.get("steady_tokens_per_s"), p.get("predicted_tokens_per_s")
         out.append({
             "arch": r["arch"], "budget_gib": r["budget_gib"], "method": p.get("method"), **c, "fused_loss": fused(r),
+            "grad_ckpt_layers": ckpt_layers(r),
             "predicted_gib": pred, "measured_gib": meas,
             "mem_error_pct": round(100 * (pred - meas) / meas, 1) if meas and pred else None,
             "under_budget": bool(meas and meas <= r["budget_gib"]),
@@ -141,6 +147,13 @@ def table(raw: Path, fit_rows: int = SPEED_FIT_ROWS) -> list[dict]:
             "steps": m.get("steps"), "exit": r["exit"], "gpu": r["gpu"], "command": r["command"],
         })  # fmt: skip
     return out
+
+
+def ckpt_words(row: dict) -> str:
+    if not row["grad_ckpt"]:
+        return "off"
+    n = row["grad_ckpt_layers"]
+    return "on" if n is None else f"first {n} layer{'s' if n > 1 else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         mark = ("" if r["speed_fit_row"] else " *") + ("" if r["same_choice_now"] else " †")
         print(f"| {r['arch']} | {r['budget_gib']:g} | {r['method']}, {r['seq_len']}, {r['micro_batch']} x {r['grad_accum']}, "
-              f"{'on' if r['grad_ckpt'] else 'off'}{', fused loss' if r['fused_loss'] else ''} | {r['measured_gib']:.2f} | {r['predicted_gib']:.2f} ({r['mem_error_pct']:+.1f}%) "
+              f"{ckpt_words(r)}{', fused loss' if r['fused_loss'] else ''} | {r['measured_gib']:.2f} | {r['predicted_gib']:.2f} ({r['mem_error_pct']:+.1f}%) "
               f"| {r['now_predicted_gib']:.2f} ({r['now_mem_error_pct']:+.1f}%) | {r['measured_tokens_per_s']:,.0f} "
               f"| {r['predicted_tokens_per_s']:,.0f} ({r['speed_error_pct']:+.0f}%) | {r['now_predicted_tokens_per_s']:,.0f} ({r['now_speed_error_pct']:+.0f}%){mark} |")  # fmt: skip
 

@@ -82,6 +82,7 @@ def main() -> int:
                     "micro_batch": plan.get("config", {}).get("train", {}).get("micro_batch"),
                     "grad_accum": plan.get("config", {}).get("train", {}).get("grad_accum"),
                     "grad_ckpt": plan.get("config", {}).get("train", {}).get("grad_ckpt"),
+                    "grad_ckpt_layers": plan.get("config", {}).get("train", {}).get("grad_ckpt_layers"),
                     "optimizer": plan.get("config", {}).get("train", {}).get("optimizer"),
                     "lora_r": plan.get("config", {}).get("lora", {}).get("r"),
                     "fused_loss": plan.get("config", {}).get("kernels", {}).get("fused_loss"),
