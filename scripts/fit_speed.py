@@ -82,9 +82,9 @@ FORMS = {
 }
 # Forms whose GPU and CPU terms overlap, and how: the p of (G^p + C^p)^(1/p) (inf: the max).
 OVERLAP = {"max": np.inf, "max+shape": np.inf, "overlap": speed.OVERLAP_P}
-# Leave-one-out error over the 99 fitted runs (python scripts/fit_speed.py --forms, tokens/s,
-# median / worst): overlap 8.2% / 46%, max 10.8% / 58%, module / module+q4 11.2% / 56-58%,
-# layer 11.5% / 55%; the +shape forms no better than without. Chosen: ``overlap`` (session 9):
+# Leave-one-out error over the 149 fitted runs (session 11; python scripts/fit_speed.py --forms,
+# tokens/s, median / worst): overlap 8.2% / 52%, max 10.7% / 63%, module+q4 10.5% / 62%, module
+# 11.0% / 63%, layer 11.5% / 63%; the +shape forms no better than without. Chosen: ``overlap`` (session 9):
 # the GPU's work, the CPU's launch overhead and the checkpointed activations' copies combined
 # as a p-norm (speed.combine, p = speed.OVERLAP_P). The summed forms must pick one per-layer
 # overhead for models that hide it under their matrix work and models that wait on it; they
@@ -295,10 +295,13 @@ CAST_ERA_GROUPS = ("10-24gb-lora-method-kept", "10b-24gb-lora-method-kept")
 CAST_ERA = "16-bit LoRA with PEFT's fp32 input casts, removed since (train._lora_inputs_uncast): the same plan re-run 17% faster (10c)"
 # The speed benchmark's groups (docs/benchmarks/speed/N-name/speed.jsonl), each one call.
 SPEED_GROUPS = ("1-8gb-qlora-before-savers", "3-24gb-lora", "4-8gb-qlora", "5-8gb-offload-and-ctx", "7-8gb-liger-ops",
-                "8-liger-ops-auto", "9-mfu-24gb-and-ctx", *CAST_ERA_GROUPS, "10c-24gb-lora-method-kept-uncast")  # fmt: skip
-# session9b (the 0.5B, 3B and 7B re-run with these constants) is their out-of-sample check:
-# not fitted until the next refit.
-AUTOFIT_SESSIONS = ("session7", "session7-pad64", "session8", "session8-uncast", "session9")
+                "8-liger-ops-auto", "9-mfu-24gb-and-ctx", *CAST_ERA_GROUPS, "10c-24gb-lora-method-kept-uncast",
+                "11-24gb-lora-method-kept-8bit", "11b-24gb-lora-method-kept-session10")  # fmt: skip
+# Session 11 refitted on every grid so far, the out-of-sample checks of earlier fits (session9b,
+# session10*) and the first runs of plans that checkpoint only some layers (session11) included;
+# its own check is the grid run after the refit (session11b), not fitted.
+AUTOFIT_SESSIONS = ("session7", "session7-pad64", "session8", "session8-uncast", "session9", "session9b", "session10",
+                    "session10-omp1", "session10-7b", "session11")  # fmt: skip
 
 
 def gather() -> list[Row]:

@@ -71,20 +71,18 @@ DEFAULT_TFLOPS = 312.0
 
 # Fitted by scripts/fit_speed.py (`python scripts/fit_speed.py --write`: non-negative least
 # squares on the relative time per micro-batch, then bounded least squares for the overlap in
-# combine()) to 99 runs on one or two H200s, each trained alone: the auto-fit grids since
-# padding to a multiple of 64 (sessions 7-9; the unpadded grids of sessions 3-7 met a new batch
+# combine()) to 149 runs on one or two H200s, each trained alone: the auto-fit grids since
+# padding to a multiple of 64 (sessions 7-11; the unpadded grids of sessions 3-7 met a new batch
 # shape nearly every step), the speed benchmark's groups, the fused-loss and distributed runs,
 # and the calibration runs that had the GPU alone (the others and their reasons: the script's
-# table); refitted in session 10 with the embedding rows' term (EMBED_ROWS_GB_S) counted in the
-# fit as speed.py counts it (it was left out before: the constants moved by under 1%). Error in
-# tokens/s: median 6.7%, worst 46% in-sample; median 8.2%, worst 46% leaving each run out (the
-# summed form before session 9: 11.5%, 55%). Out of sample since: the three grid cells whose
-# plan this form changed and the 8 GB plans at micro-batch 8 and 16, -4% to -12%
-# (docs/memory-model.md, "Speed model"). Repeated runs of one plan on two H200 hosts differ
-# by up to 27%. Known misses: the 0.5B with checkpointing ~30% slower than predicted in every
-# grid (its steps wait on the CPU, and this model's GPU part for it is too high, its CPU part too
-# low: profiled in docs/benchmarks/speed-checks/13-small-model-spread/); the seed configs'
-# fp32-embedding runs (not fitted).
+# table). Session 11 refitted on every grid so far, the first plans that checkpoint only some
+# layers (train.grad_ckpt_layers) among them. Error in tokens/s: median 7.8%, worst 51%
+# in-sample; median 8.2%, worst 52% leaving each run out. Out of sample: session 11's whole
+# grid, run after the refit, 24 of 24 within 16% (docs/benchmarks/autofit.md). Repeated runs
+# of one plan differ by up to 27% between H200 hosts; the 0.5B, whose steps wait on the CPU,
+# measured from 27.6k to 43.0k tokens/s in one fresh host's grid, rising with each run
+# (docs/benchmarks/speed-checks/13-small-model-spread/ has its profiles). Known misses: the
+# seed configs' fp32-embedding runs (not fitted).
 # How the terms combine (combine()): the matrix work, dequantization and loss are the GPU's;
 # the per-layer, per-adapted-linear and per-4-bit-linear overheads the CPU's. The two
 # overlap, as a p-norm with this p (3: leave-one-out best of 2, 2.5, 3, 4 and 6 within 0.4
@@ -99,22 +97,22 @@ CPU_TERMS = ("layer_pass", "module_pass", "q4_module_pass")
 # saved tensor's copy back, and the copies add (1.2-1.5 s for 64-81 GB there).
 COPY_TERMS = ("offload_checkpointed",)
 NORM_TERMS = GPU_TERMS + CPU_TERMS + COPY_TERMS  # the rest add after the norm
-MATMUL_EFFICIENCY = 1 / 1.719  # fraction of the dense peak the matrix work reaches
-DEQUANT_S_PER_TPARAM_PASS = 1.14e-17  # seconds per 1e12 dequantized weights (fitted to zero)
-LAYER_PASS_S = 0.0014  # seconds of overhead per decoder layer per pass
-MODULE_PASS_S = 0.000449  # seconds per LoRA-wrapped linear per pass
-Q4_MODULE_PASS_S = 0.000139  # seconds per 4-bit linear per pass
-LOSS_S_PER_TLOGIT = 65.3  # the loss: seconds per 1e12 logits (tokens x vocabulary), plain or fused
+MATMUL_EFFICIENCY = 1 / 1.706  # fraction of the dense peak the matrix work reaches
+DEQUANT_S_PER_TPARAM_PASS = 2.58e-15  # seconds per 1e12 dequantized weights (fitted to zero)
+LAYER_PASS_S = 0.00111  # seconds of overhead per decoder layer per pass
+MODULE_PASS_S = 0.000503  # seconds per LoRA-wrapped linear per pass
+Q4_MODULE_PASS_S = 0.000168  # seconds per 4-bit linear per pass
+LOSS_S_PER_TLOGIT = 50  # the loss: seconds per 1e12 logits (tokens x vocabulary), plain or fused
 # ZeRO-3 all-gathers every parameter for each pass (forward, backward, and the
 # checkpointed recompute): seconds per GB of (unsharded) weights per pass. Fitted with the
 # rest on the 2-H200 runs (docs/benchmarks/distributed/): full fine-tuning of the 3B and the
 # offload run (16-bit weights) and two QLoRA runs of the 7B (4-bit weights stored as bf16,
 # whose gathers also dequantize). Few runs: another shape's ZeRO-3 speed is an extrapolation.
-ZERO3_S_PER_GB_PASS = {"16bit": 0.0516, "4bit": 0.11}
+ZERO3_S_PER_GB_PASS = {"16bit": 0.0533, "4bit": 0.108}
 # ... and with the parameters offloaded to host RAM, what streaming them over PCIe adds
 # per GB per pass (the 8 GB seed route: 3B LoRA, seq 4096, 1 H200; one run, which alone
 # determines it: in-sample only).
-ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0352
+ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0331
 # train.offload_activations: the effective GB/s of each copy (device to host in the
 # forward, back in the backward), counted as adding to the step. The pinned copies mostly
 # overlap the compute, so this is what is left of them: measured on the fixed path (hooks
