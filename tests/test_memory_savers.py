@@ -219,21 +219,25 @@ def test_a_tied_model_cannot_keep_its_embeddings_in_host_ram():
 
 def test_auto_fit_uses_the_savers_on_a_fake_8gb_card_only_where_they_pay():
     """Qwen2.5-7B QLoRA r8 q/v at micro-batch 1 on an 8 GB card, the sequence pinned: at 2048
-    tokens freeing the embedding table buys nothing (checkpointing stays on either way), at
-    512 it buys dropping checkpointing, at 8192 a plan that fits at all without the slower
-    tiled MLP. Each choice is explained."""
+    tokens with every layer checkpointed (pinned) freeing the embedding table buys nothing;
+    left to the planner, it buys fewer layers checkpointed (train.grad_ckpt_layers); at 512
+    it buys dropping checkpointing, at 8192 a plan that fits at all without the slower tiled
+    MLP. Each choice is explained."""
     shape = shape_from_config(QWEN7B)
     pinned = {"method", "lora.r", "lora.target_modules", "train.micro_batch", "train.grad_accum", "data.seq_len"}
 
-    def fit(seq: int):
-        base = cfg(train__micro_batch=1, train__grad_accum=1, data__seq_len=seq)
-        plan, lines = auto_fit(base, pinned, shape, 8, "NVIDIA H200", None, fused_available=True)
+    def fit(seq: int, also: frozenset = frozenset()):
+        base = cfg(train__micro_batch=1, train__grad_accum=1, data__seq_len=seq, train__grad_ckpt=True)
+        plan, lines = auto_fit(base, pinned | also, shape, 8, "NVIDIA H200", None, fused_available=True)
         assert estimate(shape, plan).peak_gib <= 8 * 0.95
         return plan, lines
 
-    mid, lines = fit(2048)
-    assert not mid.train.offload_embeddings and mid.train.grad_ckpt
+    mid, lines = fit(2048, frozenset({"train.grad_ckpt"}))
+    assert not mid.train.offload_embeddings and mid.train.grad_ckpt and mid.train.grad_ckpt_layers is None
     assert "train.offload_embeddings false: freeing the embedding table would fit nothing faster here" in lines
+    fewer, lines = fit(2048)
+    assert fewer.train.offload_embeddings and 0 < fewer.train.grad_ckpt_layers < shape.layers
+    assert any(line.startswith("train.offload_embeddings true: ") and "faster plan fits" in line for line in lines)
     short, lines = fit(512)
     assert short.train.offload_embeddings and not short.train.grad_ckpt
     assert any(line.startswith("train.offload_embeddings true: ") and "faster plan fits" in line for line in lines)
