@@ -52,3 +52,15 @@ def test_a_run_that_ends_inside_the_window_writes_the_steps_it_had(tmp_path):
     prof.on_train_end(None, None, None)
     text = out.read_text()
     assert json.loads(text[: text.index("\n\n#")])["steps_profiled"] == 2
+
+
+def test_the_profiled_steps_and_the_one_the_trace_is_written_in_are_left_out_of_the_rate(tmp_path):
+    """train.Progress marks a step's end before this callback writes the trace, so the writing
+    lands in the next step: that one and the profiled ones are untimed, and no others."""
+    untimed: list[int] = []
+    step = 0
+    prof = StepProfiler(str(tmp_path / "profile.txt"), cuda=False, untimed=lambda: untimed.append(step))
+    for step in range(FIRST + STEPS + 3):
+        prof.on_step_begin(None, types.SimpleNamespace(global_step=step), None)
+        prof.on_step_end(None, types.SimpleNamespace(global_step=step + 1), None)
+    assert untimed == list(range(FIRST, FIRST + STEPS + 1))

@@ -143,6 +143,9 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
     # kernels are chosen for it), which a long run amortises.
     seen_shapes: frozenset = frozenset()
     new_shape_in_step = False
+    # Set during a step the steady rate must leave out for another reason: VRAMFIT_PROFILE's
+    # profiled steps and the step its trace is written in (step_profile.py).
+    untimed_step = False
     # train.offload_activations: the hooks (offload.HostActivations), and the most that one
     # micro-batch moved to host RAM: (bytes, tensors, padded tokens of that micro-batch, the
     # pinned blocks they took).
@@ -249,15 +252,17 @@ class Progress(TrainerCallback):
             self.monitor.setup_peak = torch.cuda.max_memory_allocated()
         self.t0 = self.last_t = time.perf_counter()
         self.start_step = state.global_step
-        self.step_marks: list[tuple[float, int, bool]] = []
+        self.step_marks: list[tuple[float, int, bool]] = []  # (time, tokens, left out of the steady rate)
+        self.new_shapes: list[bool] = []
 
     def on_step_end(self, args, state, control, **kw):
         self.monitor.sample()
         if self.monitor.cuda:
             torch.cuda.synchronize()  # step timing must include the queued kernels
         trainer = self.trainer_ref[0]
-        self.step_marks.append((time.perf_counter(), trainer.tokens_seen, trainer.new_shape_in_step))
-        trainer.new_shape_in_step = False
+        self.step_marks.append((time.perf_counter(), trainer.tokens_seen, trainer.new_shape_in_step or trainer.untimed_step))
+        self.new_shapes.append(trainer.new_shape_in_step)
+        trainer.new_shape_in_step = trainer.untimed_step = False
 
     def steady_tokens_per_s(self) -> float | None:
         return steady_rate(self.step_marks)
@@ -691,7 +696,8 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     if os.environ.get("VRAMFIT_PROFILE") and rank0:
         from .step_profile import StepProfiler
 
-        trainer.add_callback(StepProfiler(os.environ["VRAMFIT_PROFILE"], doc["device"] == "cuda"))
+        untimed = lambda: setattr(trainer, "untimed_step", True)  # noqa: E731
+        trainer.add_callback(StepProfiler(os.environ["VRAMFIT_PROFILE"], doc["device"] == "cuda", untimed))
     if preemption.requested is not None:
         _mark_preempted(run_dir, None, rank0)
         raise Preempted("stopped by a signal before training started; nothing to save", "rerun the same command to start")
@@ -727,7 +733,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         "steady_tokens_per_s": _round(progress.steady_tokens_per_s(), int(os.environ.get("WORLD_SIZE", 1))),
         # Until session 9 the steady rate was this one (new shapes' steps included):
         "window_tokens_per_s": _round(progress.window_tokens_per_s(), int(os.environ.get("WORLD_SIZE", 1))),
-        "new_shape_steps": sum(1 for m in progress.step_marks[1:] if m[2]),
+        "new_shape_steps": sum(progress.new_shapes[1:]),
         "predicted_tokens_per_s": doc.get("predicted_tokens_per_s"),
         "predicted_peak_gib": doc.get("predicted_peak_gib"),
         "budget_gib": cfg.budget_gib,
