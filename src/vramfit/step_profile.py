@@ -2,9 +2,10 @@
 run slower than the speed model predicts (scripts/speed_ab.py compares runs with it).
 
 torch.profiler records STEPS optimizer steps after the first FIRST this process trains (which
-pay one-off costs; counted from where a resumed run starts) and FILE gets: each step's wall time, the CPU time of the training thread's
-operators against the GPU's kernel time (a step whose GPU time is well below its wall time
-waits on the CPU), and the operators with the most self CPU and self GPU time.
+pay one-off costs; counted from where a resumed run starts) and FILE gets: each step's wall
+time, the CPU time of the training thread's operators against the GPU's kernel time (a step
+whose GPU time is well below its wall time waits on the CPU), and the operators with the most
+self CPU and self GPU time.
 """
 
 from __future__ import annotations

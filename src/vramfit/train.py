@@ -215,7 +215,8 @@ class PartialCheckpointing(TrainerCallback):
 
 def window_rate(marks: list[tuple[float, int, bool]]) -> float | None:
     """Tokens/s from the end of the first optimizer step to the end of the last. ``marks``:
-    (time, tokens seen, whether the step met a new batch shape) at the end of each step."""
+    (time, tokens seen, whether the steady rate leaves the step out: it met a new batch shape,
+    or the profiler recorded it or wrote its trace in it) at the end of each step."""
     if len(marks) < 2:
         return None
     (t0, n0, _), (t1, n1, _) = marks[0], marks[-1]
@@ -224,7 +225,8 @@ def window_rate(marks: list[tuple[float, int, bool]]) -> float | None:
 
 def steady_rate(marks: list[tuple[float, int, bool]]) -> float | None:
     """What a long run sees, and what the speed model predicts: tokens/s over the steps
-    after the first, leaving out each step that met a batch shape for the first time.
+    after the first, leaving out each step that met a batch shape for the first time (and
+    VRAMFIT_PROFILE's profiled steps and the one its trace is written in: step_profile.py).
 
     The first step pays the one-off costs (allocator warm-up, lazy optimizer state); a new
     shape pays some again (the allocator grows, kernels are chosen for it): on varied
@@ -644,7 +646,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
                 "plan again with --set kernels.tiled_mlp=false",
             )
         log(f"kernels: the MLP of each of {tiled} decoder layers runs over chunks of the sequence (DeepSpeed TiledMLP)")
-    if cfg.train.grad_ckpt and cfg.train.grad_ckpt_layers is not None:
+    if cfg.train.grad_ckpt_layers is not None:  # config.py: only with grad_ckpt
         from .offload import outermost_layers
 
         layers = outermost_layers(model)
