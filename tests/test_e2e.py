@@ -269,3 +269,25 @@ def test_offloaded_activations_train_the_same_adapter(tmp_path, ckpt):
     assert all(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # moved from the zero init
     for k in a:
         torch.testing.assert_close(b[k], a[k], msg=k)  # fp32 defaults: rtol 1.3e-6, atol 1e-5
+
+
+def test_fused_lora_trains_the_same_adapter(tmp_path):
+    """kernels.fused_lora through the CLI: train.py routes every adapted layer through the
+    fused function (its log line says how many) and the run trains what PEFT's layers train,
+    within fp32 tolerance (tests/test_fused_lora.py compares single steps in detail)."""
+    import torch
+
+    common = ("--preset", "cpu", "--set", "train.max_steps=3", "--set", "train.logging_steps=1")
+    metrics = {}
+    for name, fused in (("peft", "false"), ("fused", "true")):
+        p = vramfit("train", *common, "--set", f"kernels.fused_lora={fused}", "--out", name, cwd=tmp_path)
+        assert p.returncode == 0, show(p)
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    log = (tmp_path / "fused" / "train.log").read_text()
+    assert re.search(r"kernels: \d+ LoRA layers run as one function each", log), log
+    assert "LoRA layers run as one function" not in (tmp_path / "peft" / "train.log").read_text()
+    assert metrics["fused"]["final_loss"] == pytest.approx(metrics["peft"]["final_loss"], abs=1e-4)
+    a, b = _adapter_tensors(tmp_path / "peft"), _adapter_tensors(tmp_path / "fused")
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -139,6 +139,14 @@ class KernelsConfig(_Section):
     # intermediates (3 x intermediate_size values per token, most of a layer's activations)
     # exist for one chunk at a time. One more MLP forward per step: for long sequences.
     tiled_mlp: bool = False
+    # 16-bit LoRA's adapted linear layers as one autograd function (fused_lora.py): the
+    # adapter's scaling and its add into the base output run inside the matrix multiplies,
+    # and the backward joins the two input gradients in one kernel, instead of PEFT's
+    # separate elementwise kernels per layer and pass (16% of a 7B r128 all-linear step).
+    # The same arithmetic and dropout masks (tests/test_fused_lora.py). Off by default until
+    # it has been run on a GPU: CPU-tested only so far. Not applied to 4-bit layers (QLoRA) or
+    # under ZeRO-3.
+    fused_lora: bool = False
 
 
 class DeepSpeedConfig(_Section):

@@ -646,6 +646,16 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
                 "plan again with --set kernels.tiled_mlp=false",
             )
         log(f"kernels: the MLP of each of {tiled} decoder layers runs over chunks of the sequence (DeepSpeed TiledMLP)")
+    if cfg.kernels.fused_lora and cfg.uses_adapter:
+        if cfg.deepspeed.stage == 3:
+            # ZeRO-3 gathers a weight only when its module is called; the function reads it directly.
+            log("kernels: fused_lora is not used under ZeRO-3; PEFT's layers run as they are")
+        else:
+            from .fused_lora import install as fuse_lora
+
+            fused = fuse_lora(model)
+            if fused:
+                log(f"kernels: {fused} LoRA layers run as one function each (scaling and adds inside the matrix multiplies)")
     if cfg.train.grad_ckpt_layers is not None:  # config.py: only with grad_ckpt
         from .offload import outermost_layers
 

@@ -1,0 +1,159 @@
+"""kernels.fused_lora: PEFT's adapted linear layers as one autograd function. The same masks,
+loss and gradients as PEFT's own forward, and PEFT's forward wherever the call is not the
+plain case."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from test_memory_savers import _lora_bf16
+from test_offload import LORA, tiny_model
+from vramfit.fused_lora import LoraLinearFunction, install
+
+
+def _lora_linears(model):
+    from peft.tuners.lora.layer import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def _step(model, fused: bool, ids, ckpt: bool = False, autocast: bool = False):
+    model = copy.deepcopy(model)
+    if fused:
+        assert install(model) == len(_lora_linears(model)) > 0
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(7)  # the same dropout masks, if the same ops draw them
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_fp32_step_is_peft_s(dropout, ckpt):
+    model = tiny_model({**LORA, "lora_dropout": dropout})
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)  # a trained adapter, so its path and A's gradients count
+    ids = torch.randint(3, 262, (2, 37))
+    loss, grads = _step(model, False, ids, ckpt)
+    loss_f, grads_f = _step(model, True, ids, ckpt)
+    torch.testing.assert_close(loss_f, loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_f.keys() and any("lora_A" in k for k in grads)
+    for name in grads:
+        torch.testing.assert_close(grads_f[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_bf16_step_under_autocast_matches_peft_s_to_rounding(dropout):
+    # bf16 weights, fp32 adapters, autocast: how the Trainer trains 16-bit LoRA. The fused
+    # path adds the scaled adapter output in the multiply's fp32 accumulator, so the roundings
+    # differ from PEFT's separate 16-bit mul and add; nothing else does.
+    model = _lora_bf16(dropout)
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    loss, grads = _step(model, False, ids, autocast=True)
+    loss_f, grads_f = _step(model, True, ids, autocast=True)
+    assert abs(loss_f.item() - loss.item()) < 2e-3
+    assert grads.keys() == grads_f.keys()
+    for name in grads:
+        if "lora_" in name:
+            assert grads_f[name].dtype == torch.float32
+            rel = (grads_f[name] - grads[name]).norm() / grads[name].norm()
+            assert rel < 0.03, (name, rel.item())
+
+
+def test_the_same_dropout_masks_as_peft_s():
+    # If the fused path drew its masks differently, the outputs would differ far beyond rounding.
+    torch.manual_seed(0)
+    lin = _lora_linears(tiny_model({**LORA, "lora_dropout": 0.5}))[0]
+    torch.nn.init.normal_(lin.lora_B["default"].weight, std=1.0)
+    x = torch.randn(4, 9, lin.in_features)
+    torch.manual_seed(3)
+    ref = lin(x)
+    install_on = copy.deepcopy(lin)
+    install(install_on)
+    torch.manual_seed(3)
+    torch.testing.assert_close(install_on(x), ref, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(4)
+    assert not torch.allclose(install_on(x), ref, rtol=1e-3, atol=1e-3)  # another draw is another mask
+
+
+def test_peft_s_forward_runs_where_the_call_is_not_the_plain_case(monkeypatch):
+    model = tiny_model({**LORA, "lora_dropout": 0.0})
+    install(model)
+    calls = []
+    monkeypatch.setattr(LoraLinearFunction, "apply", lambda *a: calls.append(1) or pytest.fail("fused"))
+    ids = torch.randint(3, 262, (1, 11))
+    with model.disable_adapter():
+        model(input_ids=ids)
+    lin = _lora_linears(model)[0]
+    lin.merge()
+    lin(torch.randn(2, lin.in_features))
+    lin.unmerge()
+    assert calls == []
+    monkeypatch.undo()
+    # and the plain case does take the fused path
+    monkeypatch.setattr(LoraLinearFunction, "apply", lambda *a: calls.append(1) or torch.zeros(()))
+    lin(torch.randn(2, lin.in_features))
+    assert calls == [1]
+
+
+def test_installing_twice_routes_each_layer_once():
+    model = tiny_model(LORA)
+    n = install(model)
+    assert n == len(_lora_linears(model)) and install(model) == 0
+
+
+def test_eval_mode_draws_no_mask():
+    model = tiny_model({**LORA, "lora_dropout": 0.5}).eval()
+    ref = copy.deepcopy(model)
+    install(model)
+    ids = torch.randint(3, 262, (1, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_cuda_bf16_step_matches_peft_s_to_rounding(dropout):
+    model = _lora_bf16(dropout).cuda()
+    ids = torch.randint(0, 300, (4, 64), generator=torch.Generator().manual_seed(1)).cuda()
+
+    def run(fused):
+        m = copy.deepcopy(model)
+        if fused:
+            install(m)
+        torch.manual_seed(7)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    (loss, grads), (loss_f, grads_f) = run(False), run(True)
+    assert abs(loss_f.item() - loss.item()) < 2e-3
+    for name in grads:
+        rel = (grads_f[name] - grads[name]).norm() / grads[name].norm()
+        assert rel < 0.03, (name, rel.item())
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_fused_layers_with_their_saved_tensors_in_host_ram_train_the_same(ckpt):
+    # train.offload_activations packs whatever the function saves (the mask among them) through
+    # saved-tensor hooks: the step must be the one without them.
+    from test_offload import step as offload_step
+
+    model = tiny_model(LORA)
+    install(model)
+    ids = torch.randint(3, 262, (2, 37))
+    loss, grads, _ = offload_step(model, ckpt, False, ids)
+    loss_off, grads_off, moved = offload_step(model, ckpt, True, ids)
+    assert moved[0] > 0 and loss_off == loss
+    for name in grads:
+        torch.testing.assert_close(grads_off[name], grads[name], rtol=0, atol=0, msg=name)
