@@ -1,0 +1,49 @@
+"""The speed model's LoRA term (speed.lora_io_gb): the bytes LoRA's memory-bound kernels move,
+PEFT's and kernels.fused_lora's, and where the fused count applies."""
+
+from __future__ import annotations
+
+
+def _cfg(**over):
+    from vramfit.config import RunConfig
+
+    base = {"method": "lora", "lora": {"r": 128, "target_modules": "all-linear", "dropout": 0.05},
+            "data": {"seq_len": 1536}, "train": {"micro_batch": 8, "grad_accum": 2, "grad_ckpt": True}}  # fmt: skip
+    for key, value in over.items():
+        if "__" in key:
+            section, name = key.split("__")
+            base.setdefault(section, {})[name] = value
+        else:
+            base[key] = value
+    return RunConfig.model_validate(base)
+
+
+def test_the_speed_model_counts_less_lora_traffic_fused_and_without_dropout():
+    from vramfit.speed import lora_io_bytes
+
+    for drop in (False, True):
+        (f_fwd, f_bwd), (p_fwd, p_bwd) = lora_io_bytes(3584, 18944, drop, True), lora_io_bytes(3584, 18944, drop, False)
+        assert f_fwd < p_fwd and f_bwd < p_bwd
+    assert sum(lora_io_bytes(3584, 512, True, False)) > sum(lora_io_bytes(3584, 512, False, False))
+    # PEFT's output-wide mul and add are what fusing removes: 12 output-wide bytes per token forward, 4 fused.
+    assert lora_io_bytes(1, 1000, False, False)[0] - lora_io_bytes(1, 1000, False, True)[0] == 8000
+
+
+def test_fused_lora_is_predicted_faster_only_where_train_py_applies_it():
+    from conftest import QWEN7B_CONFIG
+    from vramfit.model_shape import shape_from_config
+    from vramfit.speed import estimate_speed, step_features
+
+    shape = shape_from_config(QWEN7B_CONFIG)
+
+    def rate(**over):
+        return estimate_speed(shape, _cfg(kernels__fused_loss=True, **over), None, "NVIDIA H200").tokens_per_s
+
+    assert rate(kernels__fused_lora=True) > rate(kernels__fused_lora=False) * 1.05
+    # QLoRA's 4-bit layers and ZeRO-3 keep PEFT's layers: nothing changes.
+    assert rate(method="qlora", kernels__fused_lora=True) == rate(method="qlora", kernels__fused_lora=False)
+    assert rate(deepspeed__stage=3, kernels__fused_lora=True) == rate(deepspeed__stage=3, kernels__fused_lora=False)
+    # Recomputation repeats the forward's traffic; full fine-tuning has none.
+    f = lambda **o: step_features(shape, _cfg(**o), 1536, 989.0)["lora_io"]  # noqa: E731
+    assert f(train__grad_ckpt=True) > f(train__grad_ckpt=False) > 0
+    assert f(method="full") == 0
