@@ -195,6 +195,18 @@ SEEDS["8gb-qlora-at-24"] = dataclasses.replace(
 # The 24 GB guide's config with its method kept too (issue 4: "the seed 24 GB config's model,
 # method and rank"): 16-bit LoRA, where the planner of group 24gb-lora takes QLoRA.
 SEEDS["24gb-lora-method-kept"] = dataclasses.replace(SEEDS["24gb-lora"], group="24gb-lora-method-kept", keep=("method",))
+# The same with LoRA dropout 0 in every run, the seed's too. The guide names no dropout; PEFT's
+# LoraConfig default is 0.0, so a user following the guide with PEFT trains without it (the
+# plain-HF 5,672 tokens/s of shared/gpu/README.md does not say which it used). vramfit's 24gb
+# preset says 0.05, which the groups above keep.
+SEEDS["24gb-lora-method-kept-dropout0"] = dataclasses.replace(
+    SEEDS["24gb-lora-method-kept"], group="24gb-lora-method-kept-dropout0",
+    settings=tuple(
+        Setting(x.guide, "lora.dropout", 0.0, "PEFT's LoraConfig default (lora_dropout=0.0), in every run of the group; "
+                "alpha the 24gb preset's (32)") if x.guide == "alpha, dropout: not named" else x
+        for x in SEEDS["24gb-lora"].settings
+    ),
+)
 
 # Settings that shape what is learned: every run of a group uses the seed's values (taken from
 # the seed's resolved config), so that only memory/speed choices differ. The planner never
@@ -285,7 +297,9 @@ def mapping_markdown() -> str:
     for seed in SEEDS.values():
         if seed.guide in seen:  # a variant of a guide's config on another card
             kept = ", ".join(f"`{k}`" for k in seed.keep) or "nothing"
-            out.append(f"**{seed.group}**: the settings of **{seen[seed.guide]}** under `--budget {seed.budget_gib:g}`; "
+            first = SEEDS[seen[seed.guide]]
+            changed = "".join(f", with `--set {s.key}={fmt_value(s.value)}` ({s.note})" for s in seed.settings if s not in first.settings)
+            out.append(f"**{seed.group}**: the settings of **{seen[seed.guide]}**{changed} under `--budget {seed.budget_gib:g}`; "
                        f"the auto rows also keep {kept}.\n")  # fmt: skip
             continue
         seen[seed.guide] = seed.group
@@ -513,7 +527,7 @@ class Row:
 
 
 def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ram: int | None, fused: bool = True,
-               uncapped_steps: int = UNCAPPED_STEPS, liger_ops: bool = False) -> list[Row]:  # fmt: skip
+               uncapped_steps: int = UNCAPPED_STEPS, liger_ops: bool = False, fused_lora: bool = False) -> list[Row]:  # fmt: skip
     from vramfit.memory import estimate
 
     model, data = str(work / seed.arch), str(work / "long.jsonl")
@@ -542,8 +556,10 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
     rows.append(seed_row("seed-as-written-uncapped", {}, None, conditional=cond, note="what the config needs, measured without a cap"))
     rows.append(seed_row("seed-made-to-fit", seed.made_to_fit, seed.budget_gib, conditional=cond, note=seed.made_to_fit_why))
     for config, extra in (("vramfit-auto", {}), ("vramfit-auto-fused", {"kernels.fused_loss": True}),
-                          ("vramfit-auto-liger-ops", {"kernels.liger_ops": True})):  # fmt: skip
-        if (config == "vramfit-auto-fused" and not fused) or (config == "vramfit-auto-liger-ops" and not liger_ops):
+                          ("vramfit-auto-liger-ops", {"kernels.liger_ops": True}),
+                          ("vramfit-auto-fused-lora", {"kernels.fused_lora": True})):  # fmt: skip
+        if ((config == "vramfit-auto-fused" and not fused) or (config == "vramfit-auto-liger-ops" and not liger_ops)
+                or (config == "vramfit-auto-fused-lora" and not fused_lora)):  # fmt: skip
             continue
         sets, split_by, cfg = auto_sets(seed, model, data, gpu_name, host_ram, extra)
         out = work / f"run-{seed.group}-{config}"
@@ -556,6 +572,7 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
             "vramfit-auto": "planner's own plan",
             "vramfit-auto-fused": "planner's plan with the fused loss pinned on (auto-fit turns it on itself only where it buys a faster plan)",
             "vramfit-auto-liger-ops": "planner's plan with liger's fused RMSNorm/SwiGLU/RoPE pinned on (opt-in: auto-fit never turns it on)",
+            "vramfit-auto-fused-lora": "planner's plan with kernels.fused_lora pinned on (opt-in until measured on a GPU)",
         }[config]
         rows.append(Row("speed", seed.group, config, seed.arch, seed.budget_gib, argv, True, peak,
                         run_seconds(seed.arch, cfg, steps, gpu_name), intended=cfg.model_dump(mode="json"),
@@ -922,7 +939,7 @@ def plan_rows(a, gpu_name: str | None, host_ram: int | None) -> list[Row]:
     rows: list[Row] = []
     for g in a.only or GROUPS:
         if g in SEEDS:
-            rows += speed_rows(SEEDS[g], a.work, a.steps, gpu_name, host_ram, not a.no_fused, a.uncapped_steps, a.liger_ops)
+            rows += speed_rows(SEEDS[g], a.work, a.steps, gpu_name, host_ram, not a.no_fused, a.uncapped_steps, a.liger_ops, a.fused_lora)
         else:
             modes = {"off": (False,), "on": (True,), "both": (False, True)}[a.fused]
             rows += ctx_rows(CTX_CASES[g], a.work, a.ctx_steps, gpu_name, host_ram, modes, a.edge)
@@ -954,6 +971,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused", choices=["off", "on", "both"], default="both", help="max-context: without/with kernels.fused_loss")
     ap.add_argument("--no-fused", action="store_true", help="speed: skip the vramfit-auto-fused row")
     ap.add_argument("--liger-ops", action="store_true", help="speed: add the planner's plan with kernels.liger_ops on")
+    ap.add_argument("--fused-lora", action="store_true", help="speed: add the planner's plan with kernels.fused_lora on")
     ap.add_argument("--skip", action="append", metavar="CONFIG",
                     help="leave out the rows of this config, e.g. seed-as-written-uncapped (repeatable)")
     ap.add_argument("--edge", action="store_true", help="max-context: also train the longest predicted under the budget with no margin")
