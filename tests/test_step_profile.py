@@ -4,8 +4,10 @@ after the warm-up ones and writes its summary and tables atomically."""
 from __future__ import annotations
 
 import json
+import time
 import types
 
+import pytest
 import torch
 
 from vramfit.step_profile import FIRST, STEPS, StepProfiler
@@ -64,3 +66,63 @@ def test_the_profiled_steps_and_the_one_the_trace_is_written_in_are_left_out_of_
         prof.on_step_begin(None, types.SimpleNamespace(global_step=step), None)
         prof.on_step_end(None, types.SimpleNamespace(global_step=step + 1), None)
     assert untimed == list(range(FIRST, FIRST + STEPS + 1))
+
+
+# ---------------------------------------------------------------- the compute stream's idle time
+
+
+def test_gpu_gaps_finds_the_busiest_streams_idle_time_and_what_ended_each_wait():
+    from vramfit.step_profile import Kernel, gpu_gaps
+
+    k = [
+        Kernel(0, 100, 7, "mm", "aten::mm"),
+        Kernel(105, 200, 7, "mm", "aten::mm"),  # 5 us gap: a launch
+        Kernel(150, 180, 7, "add", "aten::add"),  # overlaps the one before: no gap, busy counted once
+        Kernel(2200, 2300, 7, "mm", "aten::mm"),  # 2 ms gap ended by an mm
+        Kernel(2350, 2400, 7, "elementwise", "aten::mul"),  # 50 us gap ended by a mul
+        Kernel(0, 1500, 9, "Memcpy DtoH", ""),  # a copy stream, busier than stream 7 here
+    ]
+    g = gpu_gaps(k, steps=1)
+    assert g["stream"] == 9  # the busiest stream is the one analysed, whatever it runs
+    g = gpu_gaps([x for x in k if x.stream == 7], steps=2)
+    assert g["stream"] == 7
+    assert g["span_s_per_step"] == round(2400 / 2e6, 4)
+    assert g["busy_s_per_step"] == round((100 + 100 + 100 + 50) / 2e6, 4)
+    assert g["idle_s_per_step"] == round((5 + 2000 + 50) / 2e6, 4)
+    assert g["idle_gaps_per_step"] == 1.5
+    sizes = g["idle_by_gap_size_s_per_step"]
+    assert list(sizes.values()) == [round(5 / 2e6, 4), round(50 / 2e6, 4), 0.0, round(2000 / 2e6, 4)]
+    assert list(g["idle_by_next_op_s_per_step"]) == ["aten::mm", "aten::mul"]
+    assert g["longest_gaps_us"][0] == [2000.0, "aten::mm", "mm"]
+    assert gpu_gaps([]) == {}
+
+
+def test_gpu_gaps_reads_the_profilers_own_events():
+    # On the CPU the trace has no device events: trace_kernels finds none, and nothing breaks.
+    from torch.profiler import ProfilerActivity, profile
+
+    from vramfit.step_profile import trace_kernels
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(8) @ torch.ones(8)
+    assert trace_kernels(prof.events()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_gpu_gaps_on_a_cuda_trace():
+    from torch.profiler import ProfilerActivity, profile
+
+    from vramfit.step_profile import gpu_gaps, trace_kernels
+
+    x = torch.randn(2048, 2048, device="cuda")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            x = torch.tanh(x @ x)
+            time.sleep(0.002)  # the host makes the GPU wait: ~2 ms gaps
+        torch.cuda.synchronize()
+    kernels = trace_kernels(prof.events())
+    assert any(k.op == "aten::mm" for k in kernels)
+    g = gpu_gaps(kernels)
+    assert g["idle_s_per_step"] > 0.004 and g["busy_s_per_step"] > 0

@@ -4,20 +4,96 @@ run slower than the speed model predicts (scripts/speed_ab.py compares runs with
 torch.profiler records STEPS optimizer steps after the first FIRST this process trains (which
 pay one-off costs; counted from where a resumed run starts) and FILE gets: each step's wall
 time, the CPU time of the training thread's operators against the GPU's kernel time (a step
-whose GPU time is well below its wall time waits on the CPU), and the operators with the most
-self CPU and self GPU time.
+whose GPU time is well below its wall time waits on the CPU), where the busiest CUDA stream
+stood idle between kernels and which operator's kernel ended each wait (gpu_gaps), and the
+operators with the most self CPU and self GPU time.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 FIRST = 3  # optimizer steps left to warm up before recording
 STEPS = 4
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One GPU kernel or copy from the profiler's trace, times in microseconds."""
+
+    start: float
+    end: float
+    stream: int
+    name: str
+    op: str = ""  # the operator that launched it, where the trace links them
+
+
+GAP_SIZES_US = (10.0, 100.0, 1000.0)  # gaps shorter than each, and the rest
+
+
+def gpu_gaps(kernels: list[Kernel], steps: int = 1, top: int = 12) -> dict:
+    """Where the busiest stream (the compute stream) stood idle between its first and last
+    kernel, per step: the total, by the gap's size (many short gaps: kernel launches that
+    cannot keep up; a few long ones: a wait on the host, a copy or a sync), by the operator
+    whose kernel ended the gap, and the longest gaps. Every stream's busy time too, so that
+    copies on their own stream show beside it."""
+    if not kernels:
+        return {}
+    per_stream: dict[int, list[Kernel]] = defaultdict(list)
+    for k in kernels:
+        per_stream[k.stream].append(k)
+    busy: dict[int, float] = {}
+    gaps: dict[int, list[tuple[float, Kernel]]] = {}
+    for stream, ks in per_stream.items():
+        ks.sort(key=lambda k: k.start)
+        total, end, found = ks[0].end - ks[0].start, ks[0].end, []
+        for k in ks[1:]:
+            if k.start > end:
+                found.append((k.start - end, k))
+            total += max(0.0, k.end - max(k.start, end))  # overlapping kernels count once
+            end = max(end, k.end)
+        busy[stream], gaps[stream] = total, found
+    main = max(busy, key=busy.get)
+    ks, idle = per_stream[main], gaps[main]
+    span = max(k.end for k in ks) - ks[0].start
+    per = 1e6 * steps  # microseconds to seconds per step
+    by_size = [0.0] * (len(GAP_SIZES_US) + 1)
+    by_op: dict[str, float] = defaultdict(float)
+    for us, k in idle:
+        by_size[sum(us >= b for b in GAP_SIZES_US)] += us
+        by_op[k.op or k.name] += us
+    labels = [f"<{GAP_SIZES_US[0]:g}us"] + [f"{a:g}-{b:g}us" for a, b in zip(GAP_SIZES_US, GAP_SIZES_US[1:])] + [f">={GAP_SIZES_US[-1]:g}us"]
+    return {
+        "stream": main,
+        "span_s_per_step": round(span / per, 4),
+        "busy_s_per_step": round(busy[main] / per, 4),
+        "idle_s_per_step": round(sum(us for us, _ in idle) / per, 4),
+        "idle_gaps_per_step": round(len(idle) / steps, 1),
+        "idle_by_gap_size_s_per_step": {lab: round(v / per, 4) for lab, v in zip(labels, by_size)},
+        "idle_by_next_op_s_per_step": {op: round(v / per, 4) for op, v in sorted(by_op.items(), key=lambda x: -x[1])[:top]},
+        "longest_gaps_us": [[round(us, 1), k.op or "", k.name[:80]] for us, k in sorted(idle, key=lambda x: -x[0])[:top]],
+        "busy_s_per_step_by_stream": {str(st): round(b / per, 4) for st, b in sorted(busy.items(), key=lambda x: -x[1])},
+    }
+
+
+def trace_kernels(events) -> list[Kernel]:
+    """The profiler's device events as Kernels, each named with the operator that launched it
+    (the CPU event whose id its linked_correlation_id is)."""
+    from torch.autograd import DeviceType
+
+    ops = {e.id: e.name for e in events if e.device_type == DeviceType.CPU and not getattr(e, "linked_correlation_id", 0)}
+    return [
+        Kernel(e.time_range.start, e.time_range.end, int(getattr(e, "device_resource_id", 0) or 0), e.name,
+               ops.get(getattr(e, "linked_correlation_id", 0), ""))  # fmt: skip
+        for e in events
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
 
 
 class StepProfiler(TrainerCallback):
@@ -96,6 +172,11 @@ class StepProfiler(TrainerCallback):
             # Where gpu_kernels_s_per_step is well below mean_step_s the GPU waits on the CPU.
             "note": "profiled steps run slower than unprofiled ones (the profiler's own overhead is CPU time)",
         }
+        if self.cuda:
+            try:
+                summary["gpu_gaps"] = gpu_gaps(trace_kernels(self.prof.events()), len(steps))
+            except Exception as e:  # a diagnostic: never lose the tables over it
+                summary["gpu_gaps"] = {"error": f"{type(e).__name__}: {e}"}
         by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=40)
         by_gpu = events.table(sort_by=gpu_attr, row_limit=30) if self.cuda else ""
         tmp = self.path.with_name(self.path.name + ".tmp")
