@@ -325,3 +325,19 @@ def test_adapters_get_8bit_optimizer_states_only_where_they_buy_a_faster_plan():
     # A small adapter's states weigh nothing: at equal speed torch AdamW, the calibrated one.
     small, why = auto_fit(base(launch={"gpus": 1}), set(), Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
     assert small.train.optimizer == "adamw_torch" and "train.optimizer adamw_torch" in why
+
+
+def test_fused_lora_is_never_chosen_by_auto_fit_and_says_what_it_predicts_when_pinned():
+    # Opt-in until measured on a GPU (config.py): auto-fit leaves the default alone, and a
+    # user's pin gets a line with the predicted speed with and without it.
+    cfg = base(method="lora", launch={"gpus": 1})
+    c, why = auto_fit(cfg, {"method"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
+    assert not c.kernels.fused_lora and not any("fused_lora" in x for x in why)
+    pinned = cfg.model_copy(update={"kernels": cfg.kernels.model_copy(update={"fused_lora": True})})
+    c, why = auto_fit(pinned, {"method", "kernels.fused_lora"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
+    line = next(x for x in why if x.startswith("kernels.fused_lora true: pinned"))
+    assert c.kernels.fused_lora and "not yet measured on a GPU" in line
+    # QLoRA's 4-bit layers are not fused: no such line.
+    q = pinned.model_copy(update={"method": "qlora"})
+    _, why = auto_fit(q, {"method", "kernels.fused_lora"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
+    assert not any("fused_lora" in x for x in why)
