@@ -95,7 +95,7 @@ OVERLAP = {"max": np.inf, "max+shape": np.inf, "overlap": speed.OVERLAP_P, "over
 # (train.steady_rate) and the grids before padding are left out.
 # Session 12: ``overlap+lora``, the same with LoRA's memory-bound kernels as a GPU term
 # (speed.lora_io_gb: the bytes PEFT's dropout, scaling, adds and skinny matmuls move), fitted
-# on the same 149 runs: leave-one-out 6.9% / 41% against overlap's 8.2% / 52%. The r128
+# on the same 149 runs: leave-one-out 6.1% / 42% against overlap's 8.2% / 52%. The r128
 # all-linear rows of the 24 GB guide, over-predicted by 11-19% without it, are within 5%.
 CHOSEN = "overlap+lora"
 

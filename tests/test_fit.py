@@ -337,7 +337,8 @@ def test_fused_lora_is_never_chosen_by_auto_fit_and_says_what_it_predicts_when_p
     c, why = auto_fit(pinned, {"method", "kernels.fused_lora"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
     line = next(x for x in why if x.startswith("kernels.fused_lora true: pinned"))
     assert c.kernels.fused_lora and "not yet measured on a GPU" in line
-    # QLoRA's 4-bit layers are not fused: no such line.
-    q = pinned.model_copy(update={"method": "qlora"})
-    _, why = auto_fit(q, {"method", "kernels.fused_lora"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
+    # Under ZeRO-3 PEFT's layers run: no such line.
+    z3 = pinned.model_copy(update={"deepspeed": pinned.deepspeed.model_copy(update={"stage": 3}),
+                                   "launch": pinned.launch.model_copy(update={"gpus": 2})})  # fmt: skip
+    _, why = auto_fit(z3, {"method", "kernels.fused_lora", "deepspeed.stage"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
     assert not any("fused_lora" in x for x in why)

@@ -15,9 +15,13 @@ from vramfit.fused_lora import LoraLinearFunction, install
 
 
 def _lora_linears(model):
+    """PEFT's LoRA layers that install() routes: over nn.Linear, and over bitsandbytes' 4-bit."""
     from peft.tuners.lora.layer import Linear
 
-    return [m for m in model.modules() if isinstance(m, Linear)]
+    from vramfit.fused_lora import _lora_4bit_class
+
+    kinds = tuple(k for k in (Linear, _lora_4bit_class()) if k is not None)
+    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 def _step(model, fused: bool, ids, ckpt: bool = False, autocast: bool = False):
@@ -157,3 +161,54 @@ def test_fused_layers_with_their_saved_tensors_in_host_ram_train_the_same(ckpt):
     assert moved[0] > 0 and loss_off == loss
     for name in grads:
         torch.testing.assert_close(grads_off[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------- 4-bit (QLoRA) layers
+
+
+@pytest.fixture(scope="module")
+def qlora_model(tmp_path_factory):
+    """A tiny Qwen2 loaded in 4 bits by bitsandbytes (its CPU backend), with PEFT's LoRA on
+    every linear: PEFT's bnb Linear4bit layers, as QLoRA trains them."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-4bit")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=bnb)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()
+
+
+def test_4bit_layers_are_routed_and_train_as_peft_s_to_rounding(qlora_model):
+    from vramfit.fused_lora import _lora_4bit_class
+
+    layers = [m for m in qlora_model.modules() if type(m) is _lora_4bit_class()]
+    assert layers and install(copy.deepcopy(qlora_model)) == len(layers)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    for ckpt in (False, True):
+        loss, grads = _step(qlora_model, False, ids, ckpt=ckpt, autocast=True)
+        loss_f, grads_f = _step(qlora_model, True, ids, ckpt=ckpt, autocast=True)
+        assert abs(loss_f.item() - loss.item()) < 2e-3
+        assert grads.keys() == grads_f.keys() and any("lora_A" in k for k in grads)
+        for name in grads:
+            rel = (grads_f[name] - grads[name]).norm() / grads[name].norm()
+            assert rel < 0.03, (name, rel.item())
+
+
+def test_4bit_layers_outside_autocast_keep_peft_s_fp32_adapter_path(qlora_model, monkeypatch):
+    # Without autocast PEFT runs the fp32 adapter in fp32: the fused path must not take it over.
+    from vramfit.fused_lora import LoraBranchFunction
+
+    model = copy.deepcopy(qlora_model)
+    install(model)
+    monkeypatch.setattr(LoraBranchFunction, "apply", lambda *a: pytest.fail("fused outside autocast"))
+    model(input_ids=torch.randint(0, 300, (1, 8)))

@@ -143,9 +143,9 @@ class KernelsConfig(_Section):
     # adapter's scaling and its add into the base output run inside the matrix multiplies,
     # and the backward joins the two input gradients in one kernel, instead of PEFT's
     # separate elementwise kernels per layer and pass (16% of a 7B r128 all-linear step).
-    # The same arithmetic and dropout masks (tests/test_fused_lora.py). Off by default until
-    # it has been run on a GPU: CPU-tested only so far. Not applied to 4-bit layers (QLoRA) or
-    # under ZeRO-3.
+    # For QLoRA's 4-bit layers, the adapter's scaling and add in one kernel on bitsandbytes'
+    # output. The same arithmetic and dropout masks (tests/test_fused_lora.py). Off by default
+    # until it has been run on a GPU: CPU-tested only so far. Not under ZeRO-3.
     fused_lora: bool = False
 
 

@@ -2,17 +2,20 @@
 
 PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` as separate modules and
 ops. On the GPU that is, per adapted layer and pass, a scaling ``mul`` and an ``add`` over
-the layer's output, in the backward the scaling again, a dropout backward over the input,
-and an ``add`` that joins the base's and the adapter's input gradients. With r128 on every
-linear of a 7B those elementwise kernels were 16% of the step
-(docs/benchmarks/speed-checks/15-24gb-lora-r128-profile/). Here the same arithmetic runs
-with them folded into the matrix multiplies:
+the layer's output (for 4-bit layers also a defensive ``clone`` of the base output), in the
+backward the scaling again, a dropout backward over the input, and an ``add`` that joins the
+base's and the adapter's input gradients. With r128 on every linear of a 7B those elementwise
+kernels were 16% of the step (docs/benchmarks/speed-checks/15-24gb-lora-r128-profile/). Here
+the same arithmetic runs with them folded into the matrix multiplies:
 
-- forward: ``out = x W^T + b``, then ``out += s * (dropout(x) A^T) B^T`` as one ``addmm_``
-  (cuBLAS applies the scaling and the add in the multiply's epilogue);
-- backward: the scaling is applied to the r-wide product, not the output-wide one; the
-  adapter's input gradient is added into the base's with one ``addmm_`` (no dropout) or
-  one ``addcmul_`` with the dropout mask (dropout), never as tensors of their own.
+- 16-bit base (LoraLinearFunction): ``out = x W^T + b``, then ``out += s * (dropout(x) A^T)
+  B^T`` as one ``addmm_`` (cuBLAS applies the scaling and the add in the multiply's epilogue);
+  in the backward the scaling is applied to the r-wide product, not the output-wide one, and
+  the adapter's input gradient is added into the base's with one ``addmm_`` (no dropout) or
+  one ``addcmul_`` with the dropout mask;
+- 4-bit base (bitsandbytes, LoraBranchFunction): the base runs as it is, and the adapter's
+  scaling and add are one out-of-place ``addmm`` on its output (no clone needed); autograd
+  adds the two input gradients, as under PEFT.
 
 It is the same training: the dropout mask is drawn by the same op from the same generator
 as PEFT's ``nn.Dropout``, so a seed gives the same masks (and torch.utils.checkpoint's RNG
@@ -23,11 +26,11 @@ the backward is what PEFT saves (the dropped-out input and its mask, the r-wide 
 less the 16-bit copies of the adapter weights that autocast keeps: those are cast again in
 the backward.
 
-Only the plain case is taken over: a PEFT ``lora.Linear`` on a ``torch.nn.Linear`` with
-one active adapter, no DoRA or other variant, no LoRA bias, weights (and, under autocast,
-the compute dtype) in one dtype. Anything else, and every call where the adapter is off
-or merged, runs PEFT's own forward. Not under ZeRO-3, whose hooks gather a weight only
-when its module is called (train.py does not install it there).
+Only the plain case is taken over: one active adapter, no DoRA or other variant, no LoRA
+bias, the input in the compute dtype (and, outside autocast, the adapter in it too). Anything
+else, and every call where the adapter is off or merged, runs PEFT's own forward. Not under
+ZeRO-3, whose hooks gather a weight only when its module is called (train.py does not
+install it there).
 """
 
 from __future__ import annotations
@@ -38,18 +41,33 @@ import torch
 import torch.nn.functional as F
 
 
+def _adapter_forward(x2: torch.Tensor, lora_a, p: float):
+    """(dropped-out input, its mask or None, the r-wide product), as PEFT's dropout and lora_A
+    compute them: the mask from the same op and generator as nn.Dropout's."""
+    if p > 0:
+        dropped, mask = torch.native_dropout(x2, p, True)
+    else:
+        dropped, mask = x2, None
+    return dropped, mask, dropped @ lora_a.to(x2.dtype).t()
+
+
+def _adapter_weight_grads(g, dropped, a, lora_a, lora_b, s: float, need_a: bool, need_b: bool):
+    """(lora_A's gradient, lora_B's, the r-wide gradient at lora_A's output): the scaling on the
+    r-wide product, not on the output-wide gradient as PEFT's mul does."""
+    grad_b = (g.t() @ a).to(lora_b.dtype).mul_(s) if need_b else None
+    ga = (g @ lora_b.to(g.dtype)).mul_(s)
+    grad_a = (ga.t() @ dropped).to(lora_a.dtype) if need_a else None
+    return grad_a, grad_b, ga
+
+
 class LoraLinearFunction(torch.autograd.Function):
-    """``x W^T + b + s * dropout_p(x) A^T B^T``, with A and B cast to x's dtype."""
+    """``x W^T + b + s * dropout_p(x) A^T B^T``, with A and B cast to x's dtype: the base's
+    multiply inside too, so the two input gradients are summed in one kernel."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
         out = F.linear(x, weight, bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        if p > 0:
-            dropped, mask = torch.native_dropout(x2, p, True)
-        else:
-            dropped, mask = x2, None
-        a = dropped @ lora_a.to(x.dtype).t()  # (tokens, r)
+        dropped, mask, a = _adapter_forward(x.reshape(-1, x.shape[-1]), lora_a, p)
         out.view(-1, out.shape[-1]).addmm_(a, lora_b.to(x.dtype).t(), alpha=scaling)
         ctx.scaling, ctx.p = scaling, p
         ctx.save_for_backward(weight, dropped, mask, a, lora_a, lora_b)
@@ -58,17 +76,11 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, dropped, mask, a, lora_a, lora_b = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.p
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        if g.dtype != a.dtype:
-            g = g.to(a.dtype)
+        p = ctx.p
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_x = grad_bias = grad_a = grad_b = None
-        if need_b:
-            grad_b = (g.t() @ a).to(lora_b.dtype).mul_(s)
-        ga = (g @ lora_b.to(g.dtype)).mul_(s)  # the gradient at lora_A's output, r wide
-        if need_a:
-            grad_a = (ga.t() @ dropped).to(lora_a.dtype)
+        grad_a, grad_b, ga = _adapter_weight_grads(g, dropped, a, lora_a, lora_b, ctx.scaling, need_a, need_b)
+        grad_x = grad_bias = None
         if need_x:
             grad_x = g @ weight.to(g.dtype)
             a_w = lora_a.to(g.dtype)
@@ -82,6 +94,36 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
 
+class LoraBranchFunction(torch.autograd.Function):
+    """``base_out + s * dropout_p(x) A^T B^T`` for a base layer computed outside (bitsandbytes'
+    4-bit): the scaling and the add in one out-of-place ``addmm``, so PEFT's defensive clone of
+    the base output is not needed either. The base's input gradient comes from its own
+    backward, and autograd adds the adapter's to it."""
+
+    @staticmethod
+    def forward(ctx, base_out, x, lora_a, lora_b, scaling: float, p: float):
+        dropped, mask, a = _adapter_forward(x.reshape(-1, x.shape[-1]), lora_a, p)
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), a, lora_b.to(x.dtype).t(), alpha=scaling)
+        ctx.scaling, ctx.p = scaling, p
+        ctx.save_for_backward(dropped, mask, a, lora_a, lora_b)
+        return out.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dropped, mask, a, lora_a, lora_b = ctx.saved_tensors
+        p = ctx.p
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)
+        need_base, need_x, need_a, need_b = ctx.needs_input_grad[:4]
+        grad_a, grad_b, ga = _adapter_weight_grads(g, dropped, a, lora_a, lora_b, ctx.scaling, need_a, need_b)
+        grad_x = None
+        if need_x:
+            grad_x = ga @ lora_a.to(g.dtype)
+            if mask is not None:
+                grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p))
+            grad_x = grad_x.view(grad_out.shape[:-1] + (lora_a.shape[1],))
+        return (grad_out if need_base else None), grad_x, grad_a, grad_b, None, None
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     kind = x.device.type
     if torch.is_autocast_enabled(kind):
@@ -89,8 +131,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _fused_args(layer, x: torch.Tensor, args, kwargs):
-    """The function's arguments when this call is the plain case, else None."""
+def _plain_adapter(layer, x: torch.Tensor, args, kwargs):
+    """(lora_A weight, lora_B weight, scaling, dropout p) when this call is the plain case:
+    one active adapter, no variant (DoRA), no LoRA bias, the input in the compute dtype;
+    else None."""
     if args or kwargs or layer.disable_adapters or layer.merged:
         return None
     active = layer.active_adapters
@@ -101,18 +145,27 @@ def _fused_args(layer, x: torch.Tensor, args, kwargs):
         return None
     if getattr(layer, "lora_bias", {}).get(name, False) or getattr(layer, "fan_in_fan_out", False):
         return None
-    base = layer.base_layer
-    if type(base) is not torch.nn.Linear or base.weight.requires_grad:
+    if x.dtype != _compute_dtype(x) or not x.dtype.is_floating_point:
         return None
-    dtype = _compute_dtype(x)
-    if x.dtype != dtype or base.weight.dtype != dtype or not dtype.is_floating_point:
-        return None
-    bias = base.bias
-    if bias is not None and bias.dtype != dtype:
-        return None
+    a_weight = layer.lora_A[name].weight
+    if a_weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        return None  # PEFT then runs the adapter in its own (fp32) dtype: so must we, so we don't
     dropout = layer.lora_dropout[name]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-    return (x, base.weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]), p)
+    return a_weight, layer.lora_B[name].weight, float(layer.scaling[name]), p
+
+
+def _fused_args(layer, x: torch.Tensor, args, kwargs):
+    """LoraLinearFunction's arguments when this call is the plain case over a 16-bit
+    nn.Linear in x's dtype, else None."""
+    adapter = _plain_adapter(layer, x, args, kwargs)
+    base = layer.base_layer
+    if adapter is None or type(base) is not torch.nn.Linear or base.weight.requires_grad or base.weight.dtype != x.dtype:
+        return None
+    if base.bias is not None and base.bias.dtype != x.dtype:
+        return None
+    a, b, s, p = adapter
+    return (x, base.weight, base.bias, a, b, s, p)
 
 
 def _forward(self, x, *args, **kwargs):
@@ -122,16 +175,42 @@ def _forward(self, x, *args, **kwargs):
     return LoraLinearFunction.apply(*fused)
 
 
+def _forward_4bit(self, x, *args, **kwargs):
+    adapter = _plain_adapter(self, x, args, kwargs)
+    if adapter is None:
+        return self._vramfit_peft_forward(x, *args, **kwargs)
+    base_out = self.base_layer(x)  # bitsandbytes returns x's dtype
+    return LoraBranchFunction.apply(base_out, x, *adapter)
+
+
+def _lora_4bit_class():
+    """PEFT's LoRA layer over bitsandbytes' Linear4bit, or None without bitsandbytes."""
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return None
+    return getattr(peft_bnb, "Linear4bit", None)
+
+
 def install(model) -> int:
-    """Route every PEFT ``lora.Linear`` over a plain ``nn.Linear`` through the fused function
-    (per call: it falls back to PEFT's forward whenever the call is not the plain case).
+    """Route every PEFT ``lora.Linear`` over a plain ``nn.Linear`` through LoraLinearFunction,
+    and every LoRA layer over bitsandbytes' 4-bit linear through LoraBranchFunction (per
+    call: each falls back to PEFT's forward whenever the call is not the plain case).
     Returns how many layers were routed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
+    lora_4bit = _lora_4bit_class()
     n = 0
     for module in model.modules():
-        if type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear and not hasattr(module, "_vramfit_peft_forward"):
-            module._vramfit_peft_forward = module.forward
-            module.forward = types.MethodType(_forward, module)
-            n += 1
+        if hasattr(module, "_vramfit_peft_forward"):
+            continue
+        if type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear:
+            forward = _forward
+        elif lora_4bit is not None and type(module) is lora_4bit:
+            forward = _forward_4bit
+        else:
+            continue
+        module._vramfit_peft_forward = module.forward
+        module.forward = types.MethodType(forward, module)
+        n += 1
     return n

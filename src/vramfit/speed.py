@@ -80,7 +80,7 @@ DEFAULT_TFLOPS = 312.0
 # table). Session 11 refitted on every grid so far, the first plans that checkpoint only some
 # layers (train.grad_ckpt_layers) among them. Session 12 added LoRA's memory-bound kernels
 # (lora_io, below) and refitted the same 149 runs (no new GPU runs). Error in tokens/s: median
-# 5.8%, worst 41% in-sample; median 6.4%, worst 42% leaving each run out (without the LoRA
+# 5.8%, worst 41% in-sample; median 6.1%, worst 42% leaving each run out (without the LoRA
 # term: 8.2%, 52%). Out of sample before that term: session 11's whole grid, run after its
 # refit, 24 of 24 within 16% (docs/benchmarks/autofit.md). Repeated runs
 # of one plan differ by up to 27% between H200 hosts; the 0.5B, whose steps wait on the CPU,
@@ -101,22 +101,22 @@ CPU_TERMS = ("layer_pass", "module_pass", "q4_module_pass")
 # saved tensor's copy back, and the copies add (1.2-1.5 s for 64-81 GB there).
 COPY_TERMS = ("offload_checkpointed",)
 NORM_TERMS = GPU_TERMS + CPU_TERMS + COPY_TERMS  # the rest add after the norm
-MATMUL_EFFICIENCY = 1 / 1.435  # fraction of the dense peak the matrix work reaches
-DEQUANT_S_PER_TPARAM_PASS = 0.17  # seconds per 1e12 dequantized weights (about 1 ms per pass of a 7B)
-LAYER_PASS_S = 0.00115  # seconds of overhead per decoder layer per pass
-MODULE_PASS_S = 0.000485  # seconds per LoRA-wrapped linear per pass
-Q4_MODULE_PASS_S = 0.000175  # seconds per 4-bit linear per pass
-LOSS_S_PER_TLOGIT = 46.3  # the loss: seconds per 1e12 logits (tokens x vocabulary), plain or fused
+MATMUL_EFFICIENCY = 1 / 1.443  # fraction of the dense peak the matrix work reaches
+DEQUANT_S_PER_TPARAM_PASS = 3.1e-20  # seconds per 1e12 dequantized weights (fitted to zero)
+LAYER_PASS_S = 0.00116  # seconds of overhead per decoder layer per pass
+MODULE_PASS_S = 0.000484  # seconds per LoRA-wrapped linear per pass
+Q4_MODULE_PASS_S = 0.000173  # seconds per 4-bit linear per pass
+LOSS_S_PER_TLOGIT = 46.8  # the loss: seconds per 1e12 logits (tokens x vocabulary), plain or fused
 # ZeRO-3 all-gathers every parameter for each pass (forward, backward, and the
 # checkpointed recompute): seconds per GB of (unsharded) weights per pass. Fitted with the
 # rest on the 2-H200 runs (docs/benchmarks/distributed/): full fine-tuning of the 3B and the
 # offload run (16-bit weights) and two QLoRA runs of the 7B (4-bit weights stored as bf16,
 # whose gathers also dequantize). Few runs: another shape's ZeRO-3 speed is an extrapolation.
-ZERO3_S_PER_GB_PASS = {"16bit": 0.0531, "4bit": 0.109}
+ZERO3_S_PER_GB_PASS = {"16bit": 0.053, "4bit": 0.109}
 # ... and with the parameters offloaded to host RAM, what streaming them over PCIe adds
 # per GB per pass (the 8 GB seed route: 3B LoRA, seq 4096, 1 H200; one run, which alone
 # determines it: in-sample only).
-ZERO3_OFFLOAD_S_PER_GB_PASS = 0.0329
+ZERO3_OFFLOAD_S_PER_GB_PASS = 0.033
 # train.offload_activations: the effective GB/s of each copy (device to host in the
 # forward, back in the backward), counted as adding to the step. The pinned copies mostly
 # overlap the compute, so this is what is left of them: measured on the fixed path (hooks
@@ -139,11 +139,11 @@ LIGER_LAYER_PASS = 0.61
 # adapter as its own modules and ops (dropout, two skinny matmuls, the scaling, the add into
 # the base output and, in the backward, their gradients and the sum of the two input
 # gradients): r128 all-linear on a 7B was 16% of the step (docs/benchmarks/speed-checks/15-...).
-# Fitted with the rest: ~2.2 TB/s effective, under half the H200's 4.8. It is what put the 24
+# Fitted with the rest: ~2.3 TB/s effective, under half the H200's 4.8. It is what put the 24
 # GB guide's r128 all-linear plans within 5% (over-predicted by 11-19% before). With
-# kernels.fused_lora the same coefficient times fused_lora.py's smaller byte count: a
-# prediction from the kernel count, not yet measured.
-LORA_IO_S_PER_GB = 0.00046
+# kernels.fused_lora the same coefficient times fused_lora.py's smaller byte count (16-bit
+# and 4-bit layers): a prediction from the kernel count, not yet measured.
+LORA_IO_S_PER_GB = 0.00043
 # train.offload_embeddings: GB/s of looked-up embedding rows (CPU gather + unpinned copy to
 # the GPU), adding to the step. Not separately measured: a conservative guess. The rows are
 # a few MB to ~100 MB per micro-batch, so the term is small either way; the runs with it in
@@ -217,30 +217,43 @@ def adapted_modules_per_layer(shape: ModelShape, cfg: RunConfig) -> int:
     return len(linears) if targets == "all-linear" else sum(1 for t in shape.resolve_targets(targets) if t in linears)
 
 
+def fused_lora_mode(cfg: RunConfig) -> str | None:
+    """How train.py routes the adapted layers with kernels.fused_lora (fused_lora.py): "fused"
+    for 16-bit LoRA (base and adapter in one function), "branch" for QLoRA (the adapter's
+    scaling and add on bitsandbytes' output), None without it or under ZeRO-3."""
+    if not cfg.kernels.fused_lora or not cfg.uses_adapter or cfg.deepspeed.stage == 3:
+        return None
+    return "branch" if cfg.method == "qlora" else "fused"
+
+
 def fused_lora_applies(cfg: RunConfig) -> bool:
-    """Whether train.py routes the adapted layers through fused_lora.py: 16-bit LoRA (PEFT's
-    4-bit layers are its own classes), not under ZeRO-3."""
-    return cfg.kernels.fused_lora and cfg.method == "lora" and cfg.deepspeed.stage != 3
+    return fused_lora_mode(cfg) is not None
 
 
-def lora_io_bytes(in_f: int, out_f: int, dropout: bool, fused: bool) -> tuple[float, float]:
+def lora_io_bytes(in_f: int, out_f: int, dropout: bool, mode: str) -> tuple[float, float]:
     """Bytes per token that LoRA's memory-bound kernels move for one adapted linear layer of
     ``in_f`` inputs and ``out_f`` outputs: (one forward pass, the backward). 16-bit
     activations, a 1-byte dropout mask; the r-wide tensors are left out (r is far below the
-    layer's width). Counted kernel by kernel from PEFT's forward and its autograd (the
-    scaling mul and the add over the output, their gradients, the dropout's backward and the
-    sum of the base's and the adapter's input gradients), and from fused_lora.py's, which
-    does the scaling and the adds inside its matrix multiplies."""
+    layer's width). Counted kernel by kernel for each ``mode``: PEFT's 16-bit layer ("peft")
+    and 4-bit one ("peft4bit", which also clones the base output), and fused_lora.py's
+    "fused" and "branch" (fused_lora_mode)."""
     drop = 5 * in_f if dropout else 0  # read x; write the dropped copy and its mask
-    if fused:
+    drop_bwd = 5 * in_f if dropout else 0  # read the gradient and the mask, write the result
+    if mode == "fused":
         # addmm_ reads and writes the output; the backward reads the gradient twice (for
         # lora_B's input and weight gradients), the dropped input once (lora_A's weight), and
         # adds the adapter's input gradient with one addcmul_ (mask) or addmm_ epilogue.
         return drop + 2 * in_f + 4 * out_f, 4 * out_f + 2 * in_f + (9 * in_f if dropout else 4 * in_f)
-    # lora_A reads the input, lora_B writes an output, the mul and the add read and write it;
-    # the backward's scaling, lora_B's two reads, lora_A's gradient write and input read, the
-    # dropout's backward, and the add of two input gradients.
-    return drop + 2 * in_f + 12 * out_f, 8 * out_f + 4 * in_f + (5 * in_f if dropout else 0) + 6 * in_f
+    if mode == "branch":
+        # One out-of-place addmm reads the base output and writes the sum; the backward as
+        # PEFT's less the scaling's pass over the output-wide gradient.
+        return drop + 2 * in_f + 4 * out_f, 4 * out_f + 4 * in_f + drop_bwd + 6 * in_f
+    # lora_A reads the input, lora_B writes an output, the mul and the add read and write it
+    # (and a 4-bit layer first clones the base output); the backward's scaling, lora_B's two
+    # reads, lora_A's gradient write and input read, the dropout's backward, and the add of
+    # two input gradients.
+    clone = 4 * out_f if mode == "peft4bit" else 0
+    return drop + 2 * in_f + 12 * out_f + clone, 8 * out_f + 4 * in_f + drop_bwd + 6 * in_f
 
 
 def lora_io_gb(shape: ModelShape, cfg: RunConfig, tokens: float, ckpt: float) -> float:
@@ -251,10 +264,10 @@ def lora_io_gb(shape: ModelShape, cfg: RunConfig, tokens: float, ckpt: float) ->
     linears = shape.layer_linears()
     targets = cfg.lora.target_modules
     names = linears if targets == "all-linear" else [t for t in shape.resolve_targets(targets) if t in linears]
-    dropout, fused = cfg.lora.dropout > 0, fused_lora_applies(cfg)
+    mode = fused_lora_mode(cfg) or ("peft4bit" if cfg.method == "qlora" else "peft")
     per_token = 0.0
     for name in names:
-        fwd, bwd = lora_io_bytes(*linears[name], dropout, fused)
+        fwd, bwd = lora_io_bytes(*linears[name], cfg.lora.dropout > 0, mode)
         per_token += fwd * (1 + ckpt) + bwd
     return tokens * shape.layers * per_token / 1e9
 
