@@ -218,7 +218,7 @@ FAIR_KEYS = (
 # What the auto plan may set differently from the seed config: the memory/speed choices.
 PLANNER_KEYS = (
     "method", "quant.", "train.micro_batch", "train.grad_accum", "train.grad_ckpt", "train.optimizer", "kernels.",
-    "train.offload_activations", "train.offload_embeddings",
+    "train.offload_activations", "train.offload_async", "train.offload_embeddings",
     "deepspeed.", "model.dtype", "budget_gib", "launch.env", "train.dataloader_workers",
 )  # fmt: skip
 
@@ -527,7 +527,8 @@ class Row:
 
 
 def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ram: int | None, fused: bool = True,
-               uncapped_steps: int = UNCAPPED_STEPS, liger_ops: bool = False, fused_lora: bool = False) -> list[Row]:  # fmt: skip
+               uncapped_steps: int = UNCAPPED_STEPS, liger_ops: bool = False, fused_lora: bool = False,
+               offload_async: bool = False) -> list[Row]:  # fmt: skip
     from vramfit.memory import estimate
 
     model, data = str(work / seed.arch), str(work / "long.jsonl")
@@ -557,9 +558,12 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
     rows.append(seed_row("seed-made-to-fit", seed.made_to_fit, seed.budget_gib, conditional=cond, note=seed.made_to_fit_why))
     for config, extra in (("vramfit-auto", {}), ("vramfit-auto-fused", {"kernels.fused_loss": True}),
                           ("vramfit-auto-liger-ops", {"kernels.liger_ops": True}),
-                          ("vramfit-auto-fused-lora", {"kernels.fused_lora": True})):  # fmt: skip
-        if ((config == "vramfit-auto-fused" and not fused) or (config == "vramfit-auto-liger-ops" and not liger_ops)
-                or (config == "vramfit-auto-fused-lora" and not fused_lora)):  # fmt: skip
+                          ("vramfit-auto-fused-lora", {"kernels.fused_lora": True}),
+                          ("vramfit-auto-offload-async", {"train.offload_async": True}),
+                          ("vramfit-auto-fused-lora-async", {"kernels.fused_lora": True, "train.offload_async": True})):  # fmt: skip
+        wanted = {"vramfit-auto-fused": fused, "vramfit-auto-liger-ops": liger_ops, "vramfit-auto-fused-lora": fused_lora,
+                  "vramfit-auto-offload-async": offload_async, "vramfit-auto-fused-lora-async": fused_lora and offload_async}
+        if not wanted.get(config, True):
             continue
         sets, split_by, cfg = auto_sets(seed, model, data, gpu_name, host_ram, extra)
         out = work / f"run-{seed.group}-{config}"
@@ -573,6 +577,8 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
             "vramfit-auto-fused": "planner's plan with the fused loss pinned on (auto-fit turns it on itself only where it buys a faster plan)",
             "vramfit-auto-liger-ops": "planner's plan with liger's fused RMSNorm/SwiGLU/RoPE pinned on (opt-in: auto-fit never turns it on)",
             "vramfit-auto-fused-lora": "planner's plan with kernels.fused_lora pinned on (opt-in until measured on a GPU)",
+            "vramfit-auto-offload-async": "planner's plan with train.offload_async pinned on (opt-in until measured on a GPU)",
+            "vramfit-auto-fused-lora-async": "planner's plan with kernels.fused_lora and train.offload_async pinned on",
         }[config]
         rows.append(Row("speed", seed.group, config, seed.arch, seed.budget_gib, argv, True, peak,
                         run_seconds(seed.arch, cfg, steps, gpu_name), intended=cfg.model_dump(mode="json"),
@@ -939,7 +945,8 @@ def plan_rows(a, gpu_name: str | None, host_ram: int | None) -> list[Row]:
     rows: list[Row] = []
     for g in a.only or GROUPS:
         if g in SEEDS:
-            rows += speed_rows(SEEDS[g], a.work, a.steps, gpu_name, host_ram, not a.no_fused, a.uncapped_steps, a.liger_ops, a.fused_lora)
+            rows += speed_rows(SEEDS[g], a.work, a.steps, gpu_name, host_ram, not a.no_fused, a.uncapped_steps, a.liger_ops, a.fused_lora,
+                              a.offload_async)
         else:
             modes = {"off": (False,), "on": (True,), "both": (False, True)}[a.fused]
             rows += ctx_rows(CTX_CASES[g], a.work, a.ctx_steps, gpu_name, host_ram, modes, a.edge)
@@ -972,6 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fused", action="store_true", help="speed: skip the vramfit-auto-fused row")
     ap.add_argument("--liger-ops", action="store_true", help="speed: add the planner's plan with kernels.liger_ops on")
     ap.add_argument("--fused-lora", action="store_true", help="speed: add the planner's plan with kernels.fused_lora on")
+    ap.add_argument("--offload-async", action="store_true",
+                    help="speed: add the planner's plan with train.offload_async on (and with both, if --fused-lora too)")
     ap.add_argument("--skip", action="append", metavar="CONFIG",
                     help="leave out the rows of this config, e.g. seed-as-written-uncapped (repeatable)")
     ap.add_argument("--edge", action="store_true", help="max-context: also train the longest predicted under the budget with no margin")

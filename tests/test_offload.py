@@ -14,7 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from vramfit.config import RunConfig
 from vramfit.memory import OFFLOAD_SAVED_COPIES, layer_activation_bytes
 from vramfit.model_shape import shape_from_config
-from vramfit.offload import HostActivations, install, outermost_layers
+from vramfit.offload import HostActivations, InlineCopies, install, outermost_layers
 
 def tiny_config(**over) -> dict:
     from importlib.resources import files
@@ -205,3 +205,90 @@ def test_checkpointing_that_recomputes_through_call_copies_only_the_inputs(monke
     assert loss_off == loss
     for name in grads:
         torch.testing.assert_close(grads_off[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------- copies beside the compute
+
+
+class RecordingCopies(InlineCopies):
+    """InlineCopies that say they overlap (so HostActivations fetches ahead, as with
+    StreamCopies on a GPU), recording which packed tensor each copy back is for."""
+
+    overlaps = True
+
+    def __init__(self, events: list) -> None:
+        self.outs: list[torch.Tensor] = []
+        self.fetched: list[int] = []
+        self.events = events  # ("fetch", layer), shared with the test's recomputation marks
+
+    def out(self, t, host):
+        super().out(t, host)
+        self.outs.append(host)
+
+    def back(self, host, device):
+        i = next(i for i, h in enumerate(self.outs) if h is host)
+        self.fetched.append(i)
+        self.events.append(("fetch", i))
+        return super().back(host, device)
+
+
+def test_overlapping_copies_fetch_each_layer_input_once_a_layer_ahead_and_train_the_same():
+    model = tiny_model(LORA)
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(3, 262, (2, 37))
+    loss, grads, _ = step(model, True, False, ids)
+
+    model = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    events: list = []
+    copies = RecordingCopies(events)
+    hooks = HostActivations(pin_memory=False, copies=copies)
+    install(model, hooks)
+    for i, layer in enumerate(outermost_layers(model)):  # marks each layer's MLP running
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: events.append(("mlp", i)))
+    for micro_batch in range(2):  # gradient accumulation: a new order for each forward
+        copies.outs, copies.fetched = [], []
+        torch.manual_seed(1)
+        out = model(input_ids=ids, labels=ids).loss
+        events.clear()  # the forward's MLP marks
+        out.backward()
+        assert len(copies.outs) == layers  # one input per layer
+        # The last layer's input is fetched when its recomputation asks for it; each unpack
+        # then fetches the previous layer's input ahead: every input once, last to first,
+        # and layer k-1's before layer k's recomputation runs (its copy overlaps it).
+        assert copies.fetched == list(range(layers - 1, -1, -1)), copies.fetched
+        for k in range(layers - 1, 0, -1):
+            assert events.index(("fetch", k - 1)) < events.index(("mlp", k)), events
+        if micro_batch == 0:
+            assert out.item() == loss
+            params = dict(model.named_parameters())
+            for name, g in grads.items():
+                torch.testing.assert_close(params[name].grad, g, rtol=0, atol=0, msg=name)
+            model.zero_grad()
+
+
+def test_async_offload_is_inert_without_checkpointing_or_offload():
+    # A pin that cannot apply does nothing (auto-fit may still plan without offload).
+    assert RunConfig.model_validate({"train": {"offload_async": True}}).train.offload_async
+    assert RunConfig.model_validate({"train": {"offload_async": True, "offload_activations": True, "grad_ckpt": False}})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_stream_copies_on_a_gpu_train_the_same():
+    from vramfit.offload import StreamCopies
+
+    model = tiny_model(LORA).cuda()
+    ids = torch.randint(3, 262, (2, 37)).cuda()
+    loss, grads, _ = step(model, True, False, ids)
+    model = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hooks = HostActivations(pin_memory=True, copies=StreamCopies(torch.device("cuda")))
+    install(model, hooks)
+    torch.manual_seed(1)
+    out = model(input_ids=ids, labels=ids).loss
+    out.backward()
+    torch.cuda.synchronize()
+    assert out.item() == loss and hooks.reset()[0] == model.config.num_hidden_layers
+    for name, g in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=0, atol=0, msg=name)

@@ -45,25 +45,91 @@ from .memory import pinned_block_bytes
 
 class _OnHost:
     """One saved tensor's host copy. Every op that saved it unpacks the same GPU copy, made
-    at the first unpack and freed when the last of them has run its backward."""
+    at the first unpack (or fetched ahead of it) and freed when the last of them has run its
+    backward."""
 
-    __slots__ = ("device", "host", "non_blocking", "gpu")
+    __slots__ = ("device", "host", "gpu", "ready", "index", "__weakref__")
 
-    def __init__(self, device: torch.device, host: torch.Tensor, non_blocking: bool) -> None:
-        self.device, self.host, self.non_blocking = device, host, non_blocking
+    def __init__(self, device: torch.device, host: torch.Tensor, index: int) -> None:
+        self.device, self.host, self.index = device, host, index
         self.gpu: torch.Tensor | None = None
+        self.ready = None  # with copies on a side stream: the event its copy back records
 
-    def back(self) -> torch.Tensor:
-        if self.gpu is None:
-            self.gpu = self.host.to(self.device, non_blocking=self.non_blocking)
-        return self.gpu
+
+class InlineCopies:
+    """Copies queued on the current (compute) stream: the kernels after a copy wait for it.
+    Pinned host memory makes them asynchronous to the CPU only. What CPU runs use, and CUDA
+    ones without train.offload_async."""
+
+    overlaps = False  # whether a copy can run beside the compute (and fetching ahead pays)
+
+    def out(self, t: torch.Tensor, host: torch.Tensor) -> None:
+        host.copy_(t, non_blocking=host.is_pinned())
+
+    def back(self, host: torch.Tensor, device: torch.device):
+        """(the GPU copy, the event to wait for before using it, or None)."""
+        return host.to(device, non_blocking=host.is_pinned()), None
+
+    def wait(self, ready) -> None:
+        pass
+
+
+class StreamCopies(InlineCopies):
+    """train.offload_async: copies on their own CUDA stream, beside the compute.
+
+    Out: the copy stream waits for the compute stream (the tensor is written), copies, and
+    ``record_stream`` keeps the allocator from reusing the tensor's memory until the copy is
+    done, so the tensor can be dropped at once. So that copies never pile up on the GPU, the
+    compute stream waits for the previous copy out before going past the next one's start:
+    at most one layer input in flight beyond the one in use (memory.offloaded_activation_gpu_bytes
+    counts one). Back: the GPU buffer is allocated in the compute stream's order, filled on
+    the copy stream, and the compute stream waits for that copy's event only when it uses it.
+    """
+
+    overlaps = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device)
+        self._last_out = None
+
+    def out(self, t: torch.Tensor, host: torch.Tensor) -> None:
+        compute = torch.cuda.current_stream(t.device)
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        t.record_stream(self.stream)
+        if self._last_out is not None:
+            compute.wait_event(self._last_out)
+        self._last_out = done
+
+    def back(self, host: torch.Tensor, device: torch.device):
+        compute = torch.cuda.current_stream(device)
+        gpu = torch.empty(host.size(), dtype=host.dtype, layout=host.layout, device=device)
+        self.stream.wait_stream(compute)  # the buffer's block may have been in use until now
+        with torch.cuda.stream(self.stream):
+            gpu.copy_(host, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        gpu.record_stream(self.stream)
+        return gpu, ready
+
+    def wait(self, ready) -> None:
+        torch.cuda.current_stream().wait_event(ready)
 
 
 class HostActivations(torch.autograd.graph.saved_tensors_hooks):
-    """Saved-tensor hooks that keep tensors in (pinned, on CUDA) host RAM until backward."""
+    """Saved-tensor hooks that keep tensors in (pinned, on CUDA) host RAM until backward.
 
-    def __init__(self, pin_memory: bool) -> None:
+    ``copies``: how the copies run (InlineCopies by default). Where they overlap the compute
+    (StreamCopies), unpacking a tensor also fetches the one packed before it: with
+    checkpointing that is the previous layer's input, whose recomputation comes next, so its
+    copy back runs while this layer recomputes and backpropagates."""
+
+    def __init__(self, pin_memory: bool, copies: InlineCopies | None = None) -> None:
         self.pin_memory = pin_memory
+        self.copies = copies or InlineCopies()
         self.tensors = 0
         self.bytes = 0
         # What the pinned copies take: torch's CachingHostAllocator hands out blocks of a
@@ -77,6 +143,10 @@ class HostActivations(torch.autograd.graph.saved_tensors_hooks):
         # off), and each save would otherwise be its own host copy and, in the backward, its
         # own GPU copy. Cleared when the layer's call ends (__exit__).
         self._copied: dict[int, tuple[weakref.ref, _OnHost]] = {}
+        # This micro-batch's packed tensors in the order they were saved (weakly: autograd's
+        # graph owns them), for fetching ahead; a new list once a backward has begun.
+        self._order: list[weakref.ref] = []
+        self._in_backward = False
 
         def pack(t: torch.Tensor):
             # A parameter, or a view of one (``F.linear`` saves ``weight.t()``). By identity,
@@ -87,24 +157,43 @@ class HostActivations(torch.autograd.graph.saved_tensors_hooks):
             seen = self._copied.get(id(t))
             if seen is not None and seen[0]() is t:
                 return seen[1]
-            # With pin_memory the device-to-host copy is queued on the compute stream and
+            if self._in_backward:  # the next micro-batch's forward
+                self._order, self._in_backward = [], False
+            # With InlineCopies the device-to-host copy is queued on the compute stream and
             # the GPU tensor can be freed as soon as nothing else holds it: the kernels
             # that reuse its memory run after the copy, in stream order.
             with torch.no_grad():
                 host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=self.pin_memory)
-                host.copy_(t, non_blocking=self.pin_memory)
+                self.copies.out(t, host)
             self.tensors += 1
             nbytes = t.numel() * t.element_size()
             self.bytes += nbytes
             self.pinned_bytes += int(pinned_block_bytes(nbytes)) if self.pin_memory else nbytes
-            packed = _OnHost(t.device, host, self.pin_memory)
+            packed = _OnHost(t.device, host, len(self._order))
+            self._order.append(weakref.ref(packed))
             self._copied[id(t)] = (weakref.ref(t), packed)
             return packed
 
         def unpack(packed):
-            return packed if isinstance(packed, torch.Tensor) else packed.back()
+            if isinstance(packed, torch.Tensor):
+                return packed
+            self._in_backward = True
+            self._fetch(packed)
+            if packed.ready is not None:
+                self.copies.wait(packed.ready)
+                packed.ready = None
+            if self.copies.overlaps and 0 < packed.index <= len(self._order):
+                ahead = self._order[packed.index - 1]()
+                if ahead is not None:
+                    self._fetch(ahead)
+            return packed.gpu
 
         super().__init__(pack, unpack)
+
+    def _fetch(self, packed: _OnHost) -> None:
+        if packed.gpu is None:
+            with torch.no_grad():
+                packed.gpu, packed.ready = self.copies.back(packed.host, packed.device)
 
     def __exit__(self, *exc) -> None:
         self._copied.clear()

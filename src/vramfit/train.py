@@ -345,9 +345,11 @@ def offload_activations(model, cfg: RunConfig, device: str, log: Log):
     """Keep what the decoder layers save for backward in host RAM (offload.py), pinned on
     CUDA so the copies are asynchronous DMA. Attached to the layers themselves, so they
     survive the Trainer's wrapping (DDP, DeepSpeed) and its enabling of checkpointing later."""
-    from .offload import HostActivations, install
+    from .offload import HostActivations, StreamCopies, install
 
-    hooks = HostActivations(pin_memory=device == "cuda")
+    side_stream = cfg.train.offload_async and cfg.train.grad_ckpt and device == "cuda"
+    copies = StreamCopies(torch.device("cuda", torch.cuda.current_device())) if side_stream else None
+    hooks = HostActivations(pin_memory=device == "cuda", copies=copies)
     layers = install(model, hooks)
     if not layers:
         raise VramfitError(
@@ -356,7 +358,8 @@ def offload_activations(model, cfg: RunConfig, device: str, log: Log):
             "plan again with --set train.offload_activations=false",
         )
     what = "input" if cfg.train.grad_ckpt else "saved activations"
-    log(f"activations: each of {layers} decoder layers keeps its {what} in host RAM until backward")
+    how = ", copied on a stream of its own and fetched back a layer ahead" if side_stream else ""
+    log(f"activations: each of {layers} decoder layers keeps its {what} in host RAM until backward{how}")
     return hooks
 
 
