@@ -94,10 +94,12 @@ DEFAULT_TFLOPS = 312.0
 OVERLAP_P = 3.0
 GPU_TERMS = ("matmul", "dequant", "loss", "lora_io")
 CPU_TERMS = ("layer_pass", "module_pass", "q4_module_pass")
-# train.offload_activations' copies of checkpointed layer inputs run on their own stream and
-# the copy engines, beside both: a third part of the same p-norm, hidden under the compute
-# while they are smaller (the six runs OFFLOAD_PCIE_GB_S comes from: ~0 s beyond the other
-# terms for 3.3 GB at the 7B's 8k tokens). Without checkpointing the backward waits on every
+# train.offload_activations' copies of checkpointed layer inputs: a third part of the same
+# p-norm, as if hidden under the compute while they are smaller (the six runs
+# OFFLOAD_PCIE_GB_S comes from: ~0 s beyond the other terms for 3.3 GB at the 7B's 8k
+# tokens). In fact, until train.offload_async (session 12, not yet measured), they were
+# queued on the compute stream, each stalling the kernels after it (offload.InlineCopies):
+# the fitted rate and the norm describe those runs, not copies on a stream of their own. Without checkpointing the backward waits on every
 # saved tensor's copy back, and the copies add (1.2-1.5 s for 64-81 GB there).
 COPY_TERMS = ("offload_checkpointed",)
 NORM_TERMS = GPU_TERMS + CPU_TERMS + COPY_TERMS  # the rest add after the norm
@@ -324,9 +326,8 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
     # Out to host RAM in the forward and back in the backward; called at the padded length,
     # the length the copies have. GB moved: its coefficient is 1 / OFFLOAD_PCIE_GB_S.
     moved = offloaded_activation_transfer_bytes(shape, cfg, longest=max(1, round(padded_len)), copies=OFFLOAD_SAVED_COPIES_GPU)
-    # With checkpointing only the layer inputs go, each fetched back a layer ahead of its
-    # recomputation: the copies run beside the compute (combine()). Without it every saved
-    # tensor goes and the backward waits for them: they add.
+    # With checkpointing only the layer inputs go (in the norm: COPY_TERMS says how that was
+    # fitted). Without it every saved tensor goes and the backward waits for them: they add.
     f["offload_checkpointed" if ckpt else "offload_activations"] = 2 * moved / 1e9
     # train.offload_embeddings: the CPU's gather of the looked-up rows and their copy to the
     # GPU, once per micro-batch. GB: its coefficient is 1 / EMBED_ROWS_GB_S.
@@ -364,7 +365,7 @@ def combine(terms: dict[str, float], p: float = OVERLAP_P) -> float:
     """One micro-batch's seconds from its terms: the GPU's work and the CPU's launch work
     overlap (the CPU queues kernels ahead while the GPU runs them), so they combine as
     (G^p + C^p)^(1/p), near the larger of the two and above it where they are close; the
-    activations' copies to host RAM and back (their own stream) join the same norm; the
+    activations' copies to host RAM and back join the same norm (COPY_TERMS); the
     embedding rows' host gather and ZeRO-3's gathers add. Where the CPU's part is the larger
     (small models, QLoRA's per-linear calls at small micro-batches) the step waits on Python.
     The terms may be numpy arrays (scripts/fit_speed.py fits through this same formula)."""
