@@ -309,7 +309,7 @@ def auto_fit(
         plain = estimate_speed(shape, _with(best.config, kernels__liger_ops=False), lengths, gpu_name).tokens_per_s
         lines.insert(-1, "kernels.liger_ops true: liger's fused RMSNorm, SwiGLU and RoPE keep less for the backward and "
                          f"launch fewer kernels ({best.tokens_per_s:,.0f} tokens/s predicted; {plain:,.0f} without)")  # fmt: skip
-    if best.config.kernels.fused_lora and fused_lora_applies(best.config):
+    if fused_lora_applies(best.config):
         # Opt-in (config.py): say what the speed model makes of it, and that it is a prediction.
         plain = estimate_speed(shape, _with(best.config, kernels__fused_lora=False), lengths, gpu_name).tokens_per_s
         lines.insert(-1, f"kernels.fused_lora true: pinned; LoRA's scaling and adds inside the matrix multiplies "

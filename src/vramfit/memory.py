@@ -205,7 +205,8 @@ def trainable_params(shape: ModelShape, cfg: RunConfig) -> int:
     return shape.lora_params(cfg.lora.r, cfg.lora.target_modules)
 
 
-def _targets(shape: ModelShape, cfg: RunConfig) -> list[str]:
+def adapted_targets(shape: ModelShape, cfg: RunConfig) -> list[str]:
+    """The decoder layer's linear layers that LoRA adapts, by this model's names."""
     linears = shape.layer_linears()
     targets = shape.resolve_targets(cfg.lora.target_modules)
     return list(linears) if targets == "all-linear" else [t for t in targets if t in linears]
@@ -254,7 +255,7 @@ def fused_residual_features(shape: ModelShape, cfg: RunConfig, seq: int) -> list
     tokens = cfg.train.micro_batch * seq
     liger = liger_swiglu(cfg)
     mlp = tokens * shape.intermediate / (mlp_shards(shape.hidden, seq) if cfg.kernels.tiled_mlp else 1)
-    down = cfg.uses_adapter and "down_proj" in _targets(shape, cfg)
+    down = cfg.uses_adapter and "down_proj" in adapted_targets(shape, cfg)
     return [tokens * shape.hidden, 0.0 if liger else mlp, mlp if liger else 0.0, mlp if down else 0.0]
 
 
@@ -326,10 +327,10 @@ def layer_activation_bytes(
     elif cfg.lora.dropout > 0:
         linears = shape.layer_linears()
         per_token += (b + DROPOUT_MASK_BYTES) * sum(
-            linears[t][0] / (shards if t in MLP_LINEARS else 1) for t in _targets(shape, cfg)
+            linears[t][0] / (shards if t in MLP_LINEARS else 1) for t in adapted_targets(shape, cfg)
         )
     else:
-        targets = _targets(shape, cfg)
+        targets = adapted_targets(shape, cfg)
         per_token += b * sum(sizes[k] for k in {_INPUT_OF[t] for t in targets if t in _INPUT_OF})
         # A layer this table does not know: its input counted as its own (the safe side).
         linears = shape.layer_linears()
@@ -350,7 +351,7 @@ def layer_transient_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, s
     (``_lora_inputs_uncast``)."""
     seq = seq or cfg.data.seq_len
     shards = mlp_shards(shape.hidden, seq) if cfg.kernels.tiled_mlp else 1
-    targets = _targets(shape, cfg) if cfg.uses_adapter else []
+    targets = adapted_targets(shape, cfg) if cfg.uses_adapter else []
     if cfg.method == "full" or (cfg.lora.dropout == 0 and "down_proj" in targets):
         return 0.0
     return cfg.train.micro_batch * seq * shape.intermediate / shards * dtype_bytes

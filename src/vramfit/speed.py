@@ -36,6 +36,7 @@ from .data import pack_rows
 from .memory import (
     MLP_LINEARS,
     OFFLOAD_SAVED_COPIES_GPU,
+    adapted_targets,
     checkpointed_layers,
     mlp_shards,
     offloaded_activation_transfer_bytes,
@@ -99,8 +100,9 @@ CPU_TERMS = ("layer_pass", "module_pass", "q4_module_pass")
 # OFFLOAD_PCIE_GB_S comes from: ~0 s beyond the other terms for 3.3 GB at the 7B's 8k
 # tokens). In fact, until train.offload_async (session 12, not yet measured), they were
 # queued on the compute stream, each stalling the kernels after it (offload.InlineCopies):
-# the fitted rate and the norm describe those runs, not copies on a stream of their own. Without checkpointing the backward waits on every
-# saved tensor's copy back, and the copies add (1.2-1.5 s for 64-81 GB there).
+# the fitted rate and the norm describe those runs, not copies on a stream of their own.
+# Without checkpointing the backward waits on every saved tensor's copy back, and the copies
+# add (1.2-1.5 s for 64-81 GB there).
 COPY_TERMS = ("offload_checkpointed",)
 NORM_TERMS = GPU_TERMS + CPU_TERMS + COPY_TERMS  # the rest add after the norm
 MATMUL_EFFICIENCY = 1 / 1.443  # fraction of the dense peak the matrix work reaches
@@ -212,11 +214,7 @@ def gpu_tflops(name: str | None) -> tuple[float, bool]:
 def adapted_modules_per_layer(shape: ModelShape, cfg: RunConfig) -> int:
     """Linear layers per decoder block that PEFT wraps with a LoRA adapter (0 for full
     fine-tuning): each wrapper is a Python module call and a few small kernels per pass."""
-    if not cfg.uses_adapter:
-        return 0
-    linears = shape.layer_linears()
-    targets = cfg.lora.target_modules
-    return len(linears) if targets == "all-linear" else sum(1 for t in shape.resolve_targets(targets) if t in linears)
+    return len(adapted_targets(shape, cfg)) if cfg.uses_adapter else 0
 
 
 def fused_lora_mode(cfg: RunConfig) -> str | None:
@@ -239,8 +237,9 @@ def lora_io_bytes(in_f: int, out_f: int, dropout: bool, mode: str) -> tuple[floa
     layer's width). Counted kernel by kernel for each ``mode``: PEFT's 16-bit layer ("peft")
     and 4-bit one ("peft4bit", which also clones the base output), and fused_lora.py's
     "fused" and "branch" (fused_lora_mode)."""
-    drop = 5 * in_f if dropout else 0  # read x; write the dropped copy and its mask
-    drop_bwd = 5 * in_f if dropout else 0  # read the gradient and the mask, write the result
+    # Dropout, each way: forward reads x and writes the dropped copy and its mask; backward
+    # reads the gradient and the mask and writes the result.
+    drop = 5 * in_f if dropout else 0
     if mode == "fused":
         # addmm_ reads and writes the output; the backward reads the gradient twice (for
         # lora_B's input and weight gradients), the dropped input once (lora_A's weight), and
@@ -249,13 +248,13 @@ def lora_io_bytes(in_f: int, out_f: int, dropout: bool, mode: str) -> tuple[floa
     if mode == "branch":
         # One out-of-place addmm reads the base output and writes the sum; the backward as
         # PEFT's less the scaling's pass over the output-wide gradient.
-        return drop + 2 * in_f + 4 * out_f, 4 * out_f + 4 * in_f + drop_bwd + 6 * in_f
+        return drop + 2 * in_f + 4 * out_f, 4 * out_f + 4 * in_f + drop + 6 * in_f
     # lora_A reads the input, lora_B writes an output, the mul and the add read and write it
     # (and a 4-bit layer first clones the base output); the backward's scaling, lora_B's two
     # reads, lora_A's gradient write and input read, the dropout's backward, and the add of
     # two input gradients.
     clone = 4 * out_f if mode == "peft4bit" else 0
-    return drop + 2 * in_f + 12 * out_f + clone, 8 * out_f + 4 * in_f + drop_bwd + 6 * in_f
+    return drop + 2 * in_f + 12 * out_f + clone, 8 * out_f + 4 * in_f + drop + 6 * in_f
 
 
 def lora_io_gb(shape: ModelShape, cfg: RunConfig, tokens: float, ckpt: float) -> float:
@@ -264,11 +263,9 @@ def lora_io_gb(shape: ModelShape, cfg: RunConfig, tokens: float, ckpt: float) ->
     if not cfg.uses_adapter:
         return 0.0
     linears = shape.layer_linears()
-    targets = cfg.lora.target_modules
-    names = linears if targets == "all-linear" else [t for t in shape.resolve_targets(targets) if t in linears]
     mode = fused_lora_mode(cfg) or ("peft4bit" if cfg.method == "qlora" else "peft")
     per_token = 0.0
-    for name in names:
+    for name in adapted_targets(shape, cfg):
         fwd, bwd = lora_io_bytes(*linears[name], cfg.lora.dropout > 0, mode)
         per_token += fwd * (1 + ckpt) + bwd
     return tokens * shape.layers * per_token / 1e9

@@ -650,7 +650,9 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
             )
         log(f"kernels: the MLP of each of {tiled} decoder layers runs over chunks of the sequence (DeepSpeed TiledMLP)")
     if cfg.kernels.fused_lora and cfg.uses_adapter:
-        if cfg.deepspeed.stage == 3:
+        from .speed import fused_lora_applies  # the speed model counts it where this installs it
+
+        if not fused_lora_applies(cfg):
             # ZeRO-3 gathers a weight only when its module is called; the function reads it directly.
             log("kernels: fused_lora is not used under ZeRO-3; PEFT's layers run as they are")
         else:
