@@ -127,6 +127,12 @@ def test_eval_mode_draws_no_mask():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 def test_cuda_bf16_step_matches_peft_s_to_rounding(dropout):
+    # The reference is PEFT as train.py runs it under mixed precision: its fp32 input cast off
+    # (_lora_inputs_uncast), so the dropout mask is drawn on the same 16-bit tensor. With the
+    # cast on, CUDA's fused dropout maps its random numbers to elements differently for fp32
+    # and bf16 (the CPU's does not), and the masks, though alike in law, differ.
+    from peft.helpers import disable_input_dtype_casting
+
     model = _lora_bf16(dropout).cuda()
     ids = torch.randint(0, 300, (4, 64), generator=torch.Generator().manual_seed(1)).cuda()
 
@@ -135,7 +141,7 @@ def test_cuda_bf16_step_matches_peft_s_to_rounding(dropout):
         if fused:
             install(m)
         torch.manual_seed(7)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16), disable_input_dtype_casting(m):
             loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
@@ -180,7 +186,9 @@ def qlora_model(tmp_path_factory):
                       num_key_value_heads=2, vocab_size=300)  # fmt: skip
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=bnb)
+    # On the CPU wherever the tests run (a GPU machine would place it on the GPU): these
+    # tests compare CPU steps; the fused path's CUDA step has a test of its own.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=bnb, device_map="cpu")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
     for n, p in model.named_parameters():
         if "lora_B" in n:

@@ -267,6 +267,37 @@ def test_overlapping_copies_fetch_each_layer_input_once_a_layer_ahead_and_train_
             model.zero_grad()
 
 
+def test_an_empty_leaf_saved_beside_a_layer_input_is_not_moved_or_put_in_the_fetch_order():
+    # torch 2.11's non-reentrant checkpoint saves torch.empty(0, requires_grad=True) with the
+    # layer's input (_NoopSaveInputs). Copied, it was counted as an input and put between two
+    # inputs in the fetch-ahead order (and handed to StreamCopies as a CPU tensor on a GPU run).
+    class SaveWithDummy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, dummy, x):
+            ctx.save_for_backward(dummy, x)
+            return x * 3
+
+        @staticmethod
+        def backward(ctx, g):
+            dummy, x = ctx.saved_tensors
+            assert dummy.numel() == 0 and x.shape == g.shape
+            return None, g * 3
+
+    events: list = []
+    copies = RecordingCopies(events)
+    hooks = HostActivations(pin_memory=False, copies=copies)
+    x = torch.randn(3, 4, requires_grad=True)
+    ys = []
+    for _ in range(2):  # two "layers"
+        with hooks:
+            ys.append(SaveWithDummy.apply(torch.empty(0, requires_grad=True), x * 2))
+    assert len(hooks._order) == 2 and len(copies.outs) == 2
+    sum(y.sum() for y in ys).backward()
+    assert copies.fetched == [1, 0]  # the second input, then the first fetched ahead
+    assert hooks.reset() == (2, 2 * 3 * 4 * 4)
+    torch.testing.assert_close(x.grad, torch.full_like(x, 12.0))
+
+
 def test_async_offload_is_inert_without_checkpointing_or_offload():
     # A pin that cannot apply does nothing (auto-fit may still plan without offload).
     assert RunConfig.model_validate({"train": {"offload_async": True}}).train.offload_async

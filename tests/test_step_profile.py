@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from vramfit.step_profile import FIRST, STEPS, StepProfiler
+from vramfit.step_profile import FIRST, STEPS, Kernel, StepProfiler
 
 
 def test_profiles_the_steps_after_warm_up(tmp_path):
@@ -105,7 +105,36 @@ def test_gpu_gaps_reads_the_profilers_own_events():
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         torch.ones(8) @ torch.ones(8)
-    assert trace_kernels(prof.events()) == []
+    assert trace_kernels(prof) == []
+
+
+def test_each_kernel_is_named_with_the_operator_its_linked_correlation_id_points_to():
+    # kineto's events as torch 2.11 gives them: an operator, the runtime call it made (a CPU
+    # event too, numbered in CUPTI's own series, here colliding with the operator's id), and the
+    # kernel, linked to the operator.
+    from torch.autograd import DeviceType
+
+    from vramfit.step_profile import trace_kernels
+
+    def event(name, kind, device, corr, linked=0, start=0, dur=0, stream=0):
+        return types.SimpleNamespace(
+            name=lambda: name, activity_type=lambda: kind, device_type=lambda: device, correlation_id=lambda: corr,
+            linked_correlation_id=lambda: linked, start_ns=lambda: start, duration_ns=lambda: dur,
+            device_resource_id=lambda: stream, is_user_annotation=lambda: False,
+        )  # fmt: skip
+
+    events = [
+        event("cudaLaunchKernel", "cuda_runtime", DeviceType.CPU, 5),
+        event("aten::mm", "cpu_op", DeviceType.CPU, 5),
+        event("sm90_gemm", "kernel", DeviceType.CUDA, 77, linked=5, start=2000, dur=3000, stream=7),
+        event("Memcpy DtoH", "gpu_memcpy", DeviceType.CUDA, 78, start=9000, dur=1000, stream=9),
+    ]
+    prof = types.SimpleNamespace(profiler=types.SimpleNamespace(kineto_results=types.SimpleNamespace(events=lambda: events)))
+    want = [Kernel(2.0, 5.0, 7, "sm90_gemm", "aten::mm"), Kernel(9.0, 10.0, 9, "Memcpy DtoH", "")]
+    assert trace_kernels(prof) == want
+    for e in events:  # torch 2.11's events have no activity_type: the runtime call is told by its name
+        del e.activity_type, e.is_user_annotation
+    assert trace_kernels(prof) == want
 
 
 @pytest.mark.gpu
@@ -122,7 +151,7 @@ def test_gpu_gaps_on_a_cuda_trace():
             x = torch.tanh(x @ x)
             time.sleep(0.002)  # the host makes the GPU wait: ~2 ms gaps
         torch.cuda.synchronize()
-    kernels = trace_kernels(prof.events())
-    assert any(k.op == "aten::mm" for k in kernels)
+    kernels = trace_kernels(prof)
+    assert any(k.op == "aten::mm" for k in kernels), [(k.name[:40], k.op) for k in kernels[:8]]
     g = gpu_gaps(kernels)
     assert g["idle_s_per_step"] > 0.004 and g["busy_s_per_step"] > 0

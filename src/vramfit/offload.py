@@ -93,6 +93,8 @@ class StreamCopies(InlineCopies):
         self._last_out = None
 
     def out(self, t: torch.Tensor, host: torch.Tensor) -> None:
+        if t.device.type != "cuda":  # a host tensor a layer saves: nothing to overlap
+            return super().out(t, host)
         compute = torch.cuda.current_stream(t.device)
         self.stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
@@ -105,6 +107,8 @@ class StreamCopies(InlineCopies):
         self._last_out = done
 
     def back(self, host: torch.Tensor, device: torch.device):
+        if device.type != "cuda":
+            return super().back(host, device)
         compute = torch.cuda.current_stream(device)
         gpu = torch.empty(host.size(), dtype=host.dtype, layout=host.layout, device=device)
         self.stream.wait_stream(compute)  # the buffer's block may have been in use until now
@@ -154,6 +158,14 @@ class HostActivations(torch.autograd.graph.saved_tensors_hooks):
             # flattens them, ZeRO-3 gathers them anew for every use).
             if t.is_sparse or isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
                 return t  # a leaf or a view of one: holding it makes no reference cycle
+            if t.numel() == 0 and t.grad_fn is None:
+                # An empty leaf: nothing to move, and no cycle in holding it. torch 2.11's
+                # non-reentrant checkpoint saves one on the CPU beside each layer's input
+                # (_NoopSaveInputs' dummy): copied, it was counted as a layer input and sat
+                # between two inputs in the fetch-ahead order, so each fetch ahead fetched it
+                # instead of the previous layer's input (and StreamCopies was handed a CPU tensor).
+                return t
+
             seen = self._copied.get(id(t))
             if seen is not None and seen[0]() is t:
                 return seen[1]

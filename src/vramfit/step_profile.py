@@ -82,18 +82,42 @@ def gpu_gaps(kernels: list[Kernel], steps: int = 1, top: int = 12) -> dict:
     }
 
 
-def trace_kernels(events) -> list[Kernel]:
-    """The profiler's device events as Kernels, each named with the operator that launched it
-    (the CPU event whose id its linked_correlation_id is)."""
+def trace_kernels(prof) -> list[Kernel]:
+    """The device events of a finished ``torch.profiler.profile`` as Kernels, each named with
+    the operator that launched it.
+
+    Read from kineto's own events, not ``prof.events()``: torch's FunctionEvents fold each
+    kernel's name and duration into its operator and keep no link back, so a kernel's
+    operator is found here as torch finds it (torch/autograd/profiler.py): the operator whose
+    correlation id is the kernel's linked correlation id. CUDA runtime calls (also CPU events,
+    with ids of their own numbering) are left out of that lookup."""
     from torch.autograd import DeviceType
 
-    ops = {e.id: e.name for e in events if e.device_type == DeviceType.CPU and not getattr(e, "linked_correlation_id", 0)}
-    return [
-        Kernel(e.time_range.start, e.time_range.end, int(getattr(e, "device_resource_id", 0) or 0), e.name,
-               ops.get(getattr(e, "linked_correlation_id", 0), ""))  # fmt: skip
-        for e in events
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-    ]
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is None:
+        return []
+    events = results.events()
+    ops: dict[int, str] = {}
+    for e in events:
+        if e.device_type() == DeviceType.CPU and _is_operator(e):
+            ops.setdefault(e.correlation_id(), e.name())
+    kernels = []
+    for e in events:
+        if e.device_type() != DeviceType.CUDA or (hasattr(e, "is_user_annotation") and e.is_user_annotation()):
+            continue
+        start = e.start_ns() / 1e3
+        op = ops.get(e.linked_correlation_id(), "") if e.linked_correlation_id() else ""
+        kernels.append(Kernel(start, start + e.duration_ns() / 1e3, int(e.device_resource_id()), e.name(), op))
+    return kernels
+
+
+def _is_operator(e) -> bool:
+    """Whether a CPU event is an operator, not a CUDA runtime or driver call. torch 2.13's
+    events say so (activity_type); torch 2.11's do not, and there the calls are told by name
+    (cudaLaunchKernel, cuLaunchKernelEx, cudaMemcpyAsync, ...)."""
+    if hasattr(e, "activity_type"):
+        return e.activity_type() == "cpu_op"
+    return not e.name().startswith(("cuda", "cu"))
 
 
 class StepProfiler(TrainerCallback):
@@ -167,14 +191,14 @@ class StepProfiler(TrainerCallback):
             "steps_profiled": len(steps),
             "step_seconds": [round(x, 4) for x in steps],
             "mean_step_s": round(sum(steps) / len(steps), 4),
-            "ops_self_cpu_s_per_step": round(cpu_ops_us / 1e6 / len(steps), 4),
-            "gpu_kernels_s_per_step": round(gpu_us / 1e6 / len(steps), 4),
+            "ops_self_cpu_s_per_step": round(cpu_ops_us / 1e6 / len(steps), 6),
+            "gpu_kernels_s_per_step": round(gpu_us / 1e6 / len(steps), 6),
             # Where gpu_kernels_s_per_step is well below mean_step_s the GPU waits on the CPU.
             "note": "profiled steps run slower than unprofiled ones (the profiler's own overhead is CPU time)",
         }
         if self.cuda:
             try:
-                summary["gpu_gaps"] = gpu_gaps(trace_kernels(self.prof.events()), len(steps))
+                summary["gpu_gaps"] = gpu_gaps(trace_kernels(self.prof), len(steps))
             except Exception as e:  # a diagnostic: never lose the tables over it
                 summary["gpu_gaps"] = {"error": f"{type(e).__name__}: {e}"}
         by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=40)
