@@ -395,7 +395,7 @@ def resolve_seed(seed: Seed, model: str, data: str, extra: dict | None, budget: 
     """The seed config as `vramfit train --preset CARD [--budget B] --set ...` resolves it."""
     from vramfit.presets import resolve_layers
 
-    sets = {**seed.sets(), **(extra or {})}
+    sets = {**seed.sets(), **SEED_STACK, **(extra or {})}
     return resolve_layers(seed.preset, None, _overrides(model, data, budget), [f"{k}={fmt_value(v)}" for k, v in sets.items()])
 
 
@@ -526,6 +526,12 @@ class Row:
         return "vramfit " + shlex.join(self.argv)
 
 
+# What the guides' stack does where vramfit's defaults now differ: PEFT's LoRA layers run as
+# PEFT writes them (vramfit routes them through fused_lora.py by default since session 13; the
+# seed rows of earlier sessions ran with that default off, so the same config).
+SEED_STACK = {"kernels.fused_lora": False}
+
+
 def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ram: int | None, fused: bool = True,
                uncapped_steps: int = UNCAPPED_STEPS, liger_ops: bool = False, fused_lora: bool = False,
                offload_async: bool = False) -> list[Row]:  # fmt: skip
@@ -541,7 +547,8 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
         out = work / f"run-{seed.group}-{config}"
         n = steps if budget else uncapped_steps
         argv = ["train", "--preset", seed.preset, *(["--budget", f"{budget:g}"] if budget else []), "--model", model,
-                "--data", data, "--out", str(out), *set_flags({**seed.sets(), **extra, **common, "train.max_steps": n})]  # fmt: skip
+                "--data", data, "--out", str(out),
+                *set_flags({**seed.sets(), **SEED_STACK, **extra, **common, "train.max_steps": n})]  # fmt: skip
         peak = estimate(shape, r.config, "bfloat16", "cuda", shortest=r.config.data.seq_len).peak_gib
         return Row("speed", seed.group, config, seed.arch, seed.budget_gib, argv, budget is not None, peak,
                    run_seconds(seed.arch, r.config, n, gpu_name), intended=r.config.model_dump(mode="json"), **kw)  # fmt: skip
@@ -558,11 +565,10 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
     rows.append(seed_row("seed-made-to-fit", seed.made_to_fit, seed.budget_gib, conditional=cond, note=seed.made_to_fit_why))
     for config, extra in (("vramfit-auto", {}), ("vramfit-auto-fused", {"kernels.fused_loss": True}),
                           ("vramfit-auto-liger-ops", {"kernels.liger_ops": True}),
-                          ("vramfit-auto-fused-lora", {"kernels.fused_lora": True}),
-                          ("vramfit-auto-offload-async", {"train.offload_async": True}),
-                          ("vramfit-auto-fused-lora-async", {"kernels.fused_lora": True, "train.offload_async": True})):  # fmt: skip
-        wanted = {"vramfit-auto-fused": fused, "vramfit-auto-liger-ops": liger_ops, "vramfit-auto-fused-lora": fused_lora,
-                  "vramfit-auto-offload-async": offload_async, "vramfit-auto-fused-lora-async": fused_lora and offload_async}
+                          ("vramfit-auto-peft-lora", {"kernels.fused_lora": False}),
+                          ("vramfit-auto-offload-async", {"train.offload_async": True})):  # fmt: skip
+        wanted = {"vramfit-auto-fused": fused, "vramfit-auto-liger-ops": liger_ops, "vramfit-auto-peft-lora": fused_lora,
+                  "vramfit-auto-offload-async": offload_async}
         if not wanted.get(config, True):
             continue
         sets, split_by, cfg = auto_sets(seed, model, data, gpu_name, host_ram, extra)
@@ -576,9 +582,8 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
             "vramfit-auto": "planner's own plan",
             "vramfit-auto-fused": "planner's plan with the fused loss pinned on (auto-fit turns it on itself only where it buys a faster plan)",
             "vramfit-auto-liger-ops": "planner's plan with liger's fused RMSNorm/SwiGLU/RoPE pinned on (opt-in: auto-fit never turns it on)",
-            "vramfit-auto-fused-lora": "planner's plan with kernels.fused_lora pinned on (opt-in until measured on a GPU)",
-            "vramfit-auto-offload-async": "planner's plan with train.offload_async pinned on (opt-in until measured on a GPU)",
-            "vramfit-auto-fused-lora-async": "planner's plan with kernels.fused_lora and train.offload_async pinned on",
+            "vramfit-auto-peft-lora": "planner's plan with kernels.fused_lora pinned off (PEFT's LoRA layers as they are)",
+            "vramfit-auto-offload-async": "planner's plan with train.offload_async pinned on (opt-in)",
         }[config]
         rows.append(Row("speed", seed.group, config, seed.arch, seed.budget_gib, argv, True, peak,
                         run_seconds(seed.arch, cfg, steps, gpu_name), intended=cfg.model_dump(mode="json"),
@@ -978,9 +983,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused", choices=["off", "on", "both"], default="both", help="max-context: without/with kernels.fused_loss")
     ap.add_argument("--no-fused", action="store_true", help="speed: skip the vramfit-auto-fused row")
     ap.add_argument("--liger-ops", action="store_true", help="speed: add the planner's plan with kernels.liger_ops on")
-    ap.add_argument("--fused-lora", action="store_true", help="speed: add the planner's plan with kernels.fused_lora on")
-    ap.add_argument("--offload-async", action="store_true",
-                    help="speed: add the planner's plan with train.offload_async on (and with both, if --fused-lora too)")
+    ap.add_argument("--fused-lora", action="store_true",
+                    help="speed: add the planner's plan with kernels.fused_lora off (on by default since session 13)")
+    ap.add_argument("--offload-async", action="store_true", help="speed: add the planner's plan with train.offload_async on")
     ap.add_argument("--skip", action="append", metavar="CONFIG",
                     help="leave out the rows of this config, e.g. seed-as-written-uncapped (repeatable)")
     ap.add_argument("--edge", action="store_true", help="max-context: also train the longest predicted under the budget with no margin")

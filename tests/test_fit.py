@@ -327,18 +327,21 @@ def test_adapters_get_8bit_optimizer_states_only_where_they_buy_a_faster_plan():
     assert small.train.optimizer == "adamw_torch" and "train.optimizer adamw_torch" in why
 
 
-def test_fused_lora_is_never_chosen_by_auto_fit_and_says_what_it_predicts_when_pinned():
-    # Opt-in until measured on a GPU (config.py): auto-fit leaves the default alone, and a
-    # user's pin gets a line with the predicted speed with and without it.
+def test_fused_lora_is_on_by_default_kept_by_auto_fit_and_explained():
+    # On by default (config.py): auto-fit keeps it and says what the speed model makes of it;
+    # a user's pin off is kept too, and then there is nothing to explain.
     cfg = base(method="lora", launch={"gpus": 1})
+    assert cfg.kernels.fused_lora
     c, why = auto_fit(cfg, {"method"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
+    line = next(x for x in why if x.startswith("kernels.fused_lora true: the default"))
+    assert c.kernels.fused_lora and "with PEFT's layers as they are" in line
+    off = cfg.model_copy(update={"kernels": cfg.kernels.model_copy(update={"fused_lora": False})})
+    c, why = auto_fit(off, {"method", "kernels.fused_lora"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
     assert not c.kernels.fused_lora and not any("fused_lora" in x for x in why)
-    pinned = cfg.model_copy(update={"kernels": cfg.kernels.model_copy(update={"fused_lora": True})})
-    c, why = auto_fit(pinned, {"method", "kernels.fused_lora"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
-    line = next(x for x in why if x.startswith("kernels.fused_lora true: pinned"))
-    assert c.kernels.fused_lora and "not yet measured on a GPU" in line
+    c, why = auto_fit(cfg, {"method", "kernels.fused_lora"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
+    assert any(x.startswith("kernels.fused_lora true: pinned") for x in why)
     # Under ZeRO-3 PEFT's layers run: no such line.
-    z3 = pinned.model_copy(update={"deepspeed": pinned.deepspeed.model_copy(update={"stage": 3}),
-                                   "launch": pinned.launch.model_copy(update={"gpus": 2})})  # fmt: skip
-    _, why = auto_fit(z3, {"method", "kernels.fused_lora", "deepspeed.stage"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
+    z3 = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": 3}),
+                                "launch": cfg.launch.model_copy(update={"gpus": 2})})  # fmt: skip
+    _, why = auto_fit(z3, {"method", "deepspeed.stage"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
     assert not any("fused_lora" in x for x in why)

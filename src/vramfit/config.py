@@ -151,9 +151,12 @@ class KernelsConfig(_Section):
     # and the backward joins the two input gradients in one kernel, instead of PEFT's
     # separate elementwise kernels per layer and pass (16% of a 7B r128 all-linear step).
     # For QLoRA's 4-bit layers, the adapter's scaling and add in one kernel on bitsandbytes'
-    # output. The same arithmetic and dropout masks (tests/test_fused_lora.py). Off by default
-    # until it has been run on a GPU: CPU-tested only so far. Not under ZeRO-3.
-    fused_lora: bool = False
+    # output. The same arithmetic and, for a seed, the same dropout masks (tests/test_fused_lora.py,
+    # on the CPU and on an H100). On by default since measured: on an H100 the 24 GB guide's
+    # r128 all-linear plan ran 7.6% faster (9,930 against 9,226 tokens/s) at 0.2 GiB less, the 8
+    # GB QLoRA r8 q/v plan 1.3% (docs/benchmarks/speed-checks/16-fused-lora-and-async). Not under
+    # ZeRO-3; false gives PEFT's layers as they are.
+    fused_lora: bool = True
 
 
 class DeepSpeedConfig(_Section):
