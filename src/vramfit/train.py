@@ -345,9 +345,10 @@ def offload_activations(model, cfg: RunConfig, device: str, log: Log):
     """Keep what the decoder layers save for backward in host RAM (offload.py), pinned on
     CUDA so the copies are asynchronous DMA. Attached to the layers themselves, so they
     survive the Trainer's wrapping (DDP, DeepSpeed) and its enabling of checkpointing later."""
+    from .memory import offload_async_applies
     from .offload import HostActivations, StreamCopies, install
 
-    side_stream = cfg.train.offload_async and cfg.train.grad_ckpt and device == "cuda"
+    side_stream = offload_async_applies(cfg, device)  # the memory model counts its reserve where this holds
     copies = StreamCopies(torch.device("cuda", torch.cuda.current_device())) if side_stream else None
     hooks = HostActivations(pin_memory=device == "cuda", copies=copies)
     layers = install(model, hooks)
