@@ -134,6 +134,8 @@ SEEDS: dict[str, Seed] = {
                     "the guide's stack as shared/gpu/README.md measured it"),
             Setting("LoRAConfig(rank=8)", "lora.r", 8),
             Setting("alpha=16", "lora.alpha", 16),
+            Setting("PEFT's LoRA layers (get_peft_model)", "kernels.fused_lora", False,
+                    "PEFT's layers as they are: vramfit fuses them by default since session 13 (earlier seed rows ran before, the same config)"),
             Setting("dropout=0.05", "lora.dropout", 0.05),
             Setting("target modules: not named", "lora.target_modules", ["q_proj", "v_proj"],
                     "PEFT's default for Qwen2 when none are named, as shared/gpu/README.md ran it"),
@@ -165,6 +167,8 @@ SEEDS: dict[str, Seed] = {
             Setting("torch_dtype=torch.float16", "model.dtype", "bfloat16",
                     "bf16: the same bytes as fp16, and what the auto plan uses on this GPU (fp16 would add loss scaling to the comparison)"),
             Setting("LORA_CONFIG r=128", "lora.r", 128),
+            Setting("PEFT's LoRA layers (get_peft_model)", "kernels.fused_lora", False,
+                    "PEFT's layers as they are: vramfit fuses them by default since session 13 (earlier seed rows ran before, the same config)"),
             Setting("target modules: not named ('239M trainable params')", "lora.target_modules", "all-linear",
                     "all-linear as shared/gpu/README.md measured it (323M trainable on Qwen2.5-7B); no standard set gives 239M"),
             Setting("alpha, dropout: not named", None, None, "the 24gb preset's (32, 0.05) in every run of the group"),
@@ -395,7 +399,7 @@ def resolve_seed(seed: Seed, model: str, data: str, extra: dict | None, budget: 
     """The seed config as `vramfit train --preset CARD [--budget B] --set ...` resolves it."""
     from vramfit.presets import resolve_layers
 
-    sets = {**seed.sets(), **SEED_STACK, **(extra or {})}
+    sets = {**seed.sets(), **(extra or {})}
     return resolve_layers(seed.preset, None, _overrides(model, data, budget), [f"{k}={fmt_value(v)}" for k, v in sets.items()])
 
 
@@ -526,14 +530,8 @@ class Row:
         return "vramfit " + shlex.join(self.argv)
 
 
-# What the guides' stack does where vramfit's defaults now differ: PEFT's LoRA layers run as
-# PEFT writes them (vramfit routes them through fused_lora.py by default since session 13; the
-# seed rows of earlier sessions ran with that default off, so the same config).
-SEED_STACK = {"kernels.fused_lora": False}
-
-
 def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ram: int | None, fused: bool = True,
-               uncapped_steps: int = UNCAPPED_STEPS, liger_ops: bool = False, fused_lora: bool = False,
+               uncapped_steps: int = UNCAPPED_STEPS, liger_ops: bool = False, peft_lora: bool = False,
                offload_async: bool = False) -> list[Row]:  # fmt: skip
     from vramfit.memory import estimate
 
@@ -547,8 +545,7 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
         out = work / f"run-{seed.group}-{config}"
         n = steps if budget else uncapped_steps
         argv = ["train", "--preset", seed.preset, *(["--budget", f"{budget:g}"] if budget else []), "--model", model,
-                "--data", data, "--out", str(out),
-                *set_flags({**seed.sets(), **SEED_STACK, **extra, **common, "train.max_steps": n})]  # fmt: skip
+                "--data", data, "--out", str(out), *set_flags({**seed.sets(), **extra, **common, "train.max_steps": n})]  # fmt: skip
         peak = estimate(shape, r.config, "bfloat16", "cuda", shortest=r.config.data.seq_len).peak_gib
         return Row("speed", seed.group, config, seed.arch, seed.budget_gib, argv, budget is not None, peak,
                    run_seconds(seed.arch, r.config, n, gpu_name), intended=r.config.model_dump(mode="json"), **kw)  # fmt: skip
@@ -567,7 +564,7 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
                           ("vramfit-auto-liger-ops", {"kernels.liger_ops": True}),
                           ("vramfit-auto-peft-lora", {"kernels.fused_lora": False}),
                           ("vramfit-auto-offload-async", {"train.offload_async": True})):  # fmt: skip
-        wanted = {"vramfit-auto-fused": fused, "vramfit-auto-liger-ops": liger_ops, "vramfit-auto-peft-lora": fused_lora,
+        wanted = {"vramfit-auto-fused": fused, "vramfit-auto-liger-ops": liger_ops, "vramfit-auto-peft-lora": peft_lora,
                   "vramfit-auto-offload-async": offload_async}
         if not wanted.get(config, True):
             continue

@@ -109,9 +109,9 @@ def test_gpu_gaps_reads_the_profilers_own_events():
 
 
 def test_each_kernel_is_named_with_the_operator_its_linked_correlation_id_points_to():
-    # kineto's events as torch 2.11 gives them: an operator, the runtime call it made (a CPU
-    # event too, numbered in CUPTI's own series, here colliding with the operator's id), and the
-    # kernel, linked to the operator.
+    # kineto's events as torch 2.13 gives them, then (without activity_type) as torch 2.11 does:
+    # an operator, the runtime call it made (a CPU event too, numbered in CUPTI's own series,
+    # here colliding with the operator's id), and the kernel, linked to the operator.
     from torch.autograd import DeviceType
 
     from vramfit.step_profile import trace_kernels

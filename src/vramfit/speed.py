@@ -98,9 +98,10 @@ CPU_TERMS = ("layer_pass", "module_pass", "q4_module_pass")
 # train.offload_activations' copies of checkpointed layer inputs: a third part of the same
 # p-norm, as if hidden under the compute while they are smaller (the six runs
 # OFFLOAD_PCIE_GB_S comes from: ~0 s beyond the other terms for 3.3 GB at the 7B's 8k
-# tokens). In fact, until train.offload_async (session 12, not yet measured), they were
-# queued on the compute stream, each stalling the kernels after it (offload.InlineCopies):
-# the fitted rate and the norm describe those runs, not copies on a stream of their own.
+# tokens). In fact, without train.offload_async (opt-in), they are queued on the compute
+# stream, each stalling the kernels after it (offload.InlineCopies): the fitted rate and the
+# norm describe those runs. Copies on a stream of their own ran the 8 GB plan 7.9% faster on
+# an H100 (session 13, one plan): not credited here.
 # Without checkpointing the backward waits on every saved tensor's copy back, and the copies
 # add (1.2-1.5 s for 64-81 GB there).
 COPY_TERMS = ("offload_checkpointed",)

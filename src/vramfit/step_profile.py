@@ -117,7 +117,7 @@ def _is_operator(e) -> bool:
     (cudaLaunchKernel, cuLaunchKernelEx, cudaMemcpyAsync, ...)."""
     if hasattr(e, "activity_type"):
         return e.activity_type() == "cpu_op"
-    return not e.name().startswith(("cuda", "cu"))
+    return not e.name().startswith("cu")
 
 
 class StepProfiler(TrainerCallback):
