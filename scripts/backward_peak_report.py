@@ -8,7 +8,14 @@ loop started (weights, adapters, optimizer state) and every allocation of the lo
 live, grouped by the code that made it, with each group's sizes in units of the micro-batch
 (tokens x hidden, tokens x intermediate, ...). It is how the memory model's terms, the fused
 loss's residual above all (memory.FUSED_RESIDUAL_*), are checked one by one against what the
-allocator really holds. No GPU needed to read a snapshot.
+allocator really holds. It also replays the reserved bytes (the allocator's segments) to
+their peak, by CUDA stream. No GPU needed to read a snapshot.
+
+Recording failed on torch 2.11 (the GPU image's) in the first backward of the 8 GB plan:
+liger's SwiGLU autograd Function, called in a checkpointed layer's recomputation, "returned
+NULL without setting an exception" (docs/benchmarks/speed/13-dropout0-and-async/), like
+pytorch/pytorch#179536 (a regression since 2.10). Not tried since: with the custom kernels
+off (kernels.liger_ops, kernels.fused_lora) or another torch.
 
     VRAMFIT_MEMORY_HISTORY=/tmp/s.pickle vramfit train ... --set train.max_steps=3
     python scripts/backward_peak_report.py /tmp/s.pickle --run RUN_DIR [--json OUT.json]
@@ -96,6 +103,68 @@ def replay(snapshot: dict) -> dict:
             "live": list(live.values()), "older_live": base - freed_before, "events": len(trace)}
 
 
+SEGMENT_GROW = ("segment_alloc", "segment_map")
+SEGMENT_SHRINK = ("segment_free", "segment_unmap")
+
+
+def reserved_replay(snapshot: dict) -> dict:
+    """The reserved bytes' peak (what the caching allocator holds from the driver) and, at
+    that moment, how they split over CUDA streams (each stream's blocks are a pool of their
+    own: memory freed by one is not handed to another) and how much of the allocated was
+    freed by its owner but still waiting on another stream's work (record_stream)."""
+    trace = snapshot["device_traces"][0]
+    end = sum(s["total_size"] for s in snapshot["segments"])
+    end_by_stream: dict[int, int] = collections.Counter()
+    for s in snapshot["segments"]:
+        end_by_stream[s.get("stream", 0)] += s["total_size"]
+    net = sum(e["size"] for e in trace if e["action"] in SEGMENT_GROW) - sum(e["size"] for e in trace if e["action"] in SEGMENT_SHRINK)
+    running = peak = end - net
+    peak_at = -1
+    for i, e in enumerate(trace):
+        if e["action"] in SEGMENT_GROW:
+            running += e["size"]
+        elif e["action"] in SEGMENT_SHRINK:
+            running -= e["size"]
+        if running > peak:
+            peak, peak_at = running, i
+    by_stream: dict[int, int] = collections.Counter()
+    live: dict[int, dict] = {}
+    pending: dict[int, int] = {}
+    for e in trace[: peak_at + 1]:
+        a = e["action"]
+        if a in SEGMENT_GROW:
+            by_stream[e.get("stream", 0)] += e["size"]
+        elif a in SEGMENT_SHRINK:
+            by_stream[e.get("stream", 0)] -= e["size"]
+        elif a == "alloc":
+            live[e["addr"]] = e
+        elif a == "free_requested":
+            pending[e["addr"]] = e["size"]
+        elif a == "free_completed":
+            live.pop(e["addr"], None)
+            pending.pop(e["addr"], None)
+    alloc_by_stream: dict[int, int] = collections.Counter()
+    for e in live.values():
+        alloc_by_stream[e.get("stream", 0)] += e["size"]
+    return {"reserved_start": end - net, "reserved_peak": peak, "reserved_end": end,
+            "grown_in_record_by_stream": dict(by_stream), "allocated_by_stream_at_reserved_peak": dict(alloc_by_stream),
+            "awaiting_other_streams_at_reserved_peak": sum(pending.values()), "reserved_end_by_stream": dict(end_by_stream),
+            "event_at_reserved_peak": trace[peak_at] if peak_at >= 0 else None}
+
+
+def print_reserved(rv: dict) -> None:
+    print(f"reserved: {rv['reserved_start'] / GIB:.3f} GiB at the record's start, peak {rv['reserved_peak'] / GIB:.3f}, "
+          f"end {rv['reserved_end'] / GIB:.3f}")
+    for name, d in (("grown in the record up to its peak", rv["grown_in_record_by_stream"]),
+                    ("allocated at the reserved peak", rv["allocated_by_stream_at_reserved_peak"]),
+                    ("reserved at the end", rv["reserved_end_by_stream"])):
+        print(f"  {name}, by stream: " + ", ".join(f"{s}: {b / GIB:.3f} GiB" for s, b in sorted(d.items())))
+    print(f"  freed but waiting on another stream at the reserved peak: {rv['awaiting_other_streams_at_reserved_peak'] / GIB:.3f} GiB")
+    ev = rv["event_at_reserved_peak"]
+    if ev:
+        print(f"  the segment that made it: {ev['size'] / 2**20:.1f} MiB on stream {ev.get('stream', 0)} by {owner(ev.get('frames') or [])}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("snapshot", type=Path)
@@ -103,7 +172,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the groups here")
     ap.add_argument("--top", type=int, default=30)
     a = ap.parse_args()
-    r = replay(pickle.loads(a.snapshot.read_bytes()))
+    snapshot = pickle.loads(a.snapshot.read_bytes())
+    r = replay(snapshot)
+    rv = reserved_replay(snapshot)
     tokens = hidden = inter = vocab = 0
     if a.run:
         plan = yaml.safe_load((a.run / "plan.yaml").read_text())
@@ -125,6 +196,7 @@ def main() -> int:
         print(f"  the allocation that made the peak: {ev['size'] / 2**20:.1f} MiB by {owner(ev.get('frames') or [])}")
         print("  its stack, innermost first: " + " < ".join(
             f"{f.get('filename', '?').rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name')}" for f in (ev.get("frames") or [])[:25]))
+    print_reserved(rv)
     out = []
     for (who, bwd), sizes in rows[: a.top]:
         common = collections.Counter(units(s, tokens, hidden, inter, vocab) for s in sizes).most_common(4)
@@ -132,7 +204,8 @@ def main() -> int:
         print(f"{'':26}{', '.join(f'{n} x {u}' for u, n in common)}")
         out.append({"owner": who, "backward": bwd, "bytes": sum(sizes), "blocks": len(sizes), "sizes": dict(common)})
     if a.json:
-        a.json.write_text(json.dumps({k: v for k, v in r.items() if k not in ("live", "peak_event")} | {"groups": out}, indent=1))
+        a.json.write_text(json.dumps({k: v for k, v in r.items() if k not in ("live", "peak_event")}
+                                  | {"groups": out, "reserved": {k: v for k, v in rv.items() if k != "event_at_reserved_peak"}}, indent=1))
     return 0
 
 

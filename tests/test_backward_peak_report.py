@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from backward_peak_report import in_backward, owner, replay, units  # noqa: E402
+from backward_peak_report import in_backward, owner, replay, reserved_replay, units  # noqa: E402
 
 LORA = [{"filename": "/x/site-packages/peft/tuners/lora/layer.py", "line": 7, "name": "forward"}]
 LIGER = [{"filename": "/x/site-packages/liger_kernel/ops/fused_linear_cross_entropy.py", "line": 3, "name": "fwd"}]
@@ -44,3 +44,26 @@ def test_owner_units_and_phase():
     assert in_backward(LORA + [{"filename": "torch/autograd/graph.py", "line": 1, "name": "_engine_run_backward"}] + step)
     assert in_backward(LORA)  # autograd's own thread: a recomputed forward, no trainer frames
     assert units(2 * 10 * 7, 10, 7, 30, 100) == "t*h*2B" and units(4 * 10 * 30, 10, 7, 30, 100) == "t*i*4B"
+
+
+def test_reserved_peak_by_stream_and_frees_waiting_on_another_stream():
+    # 1000 bytes reserved on stream 0 before the record. A copy stream (7) grows a segment of
+    # 200, a block freed on it waits for the other stream (free_requested, not completed),
+    # then stream 0 grows 300 more: the peak is 1500, with 500 grown in the record (200 on
+    # stream 7) and 64 bytes freed but not yet reusable. Later 300 is released.
+    trace = [
+        {"action": "segment_alloc", "addr": 10, "size": 200, "stream": 7},
+        {"action": "alloc", "addr": 11, "size": 64, "stream": 7},
+        {"action": "free_requested", "addr": 11, "size": 64, "stream": 7},
+        {"action": "segment_map", "addr": 20, "size": 300, "stream": 0},
+        {"action": "free_completed", "addr": 11, "size": 64, "stream": 7},
+        {"action": "segment_unmap", "addr": 20, "size": 300, "stream": 0},
+    ]
+    snap = {"segments": [{"total_size": 1000, "stream": 0, "blocks": []}, {"total_size": 200, "stream": 7, "blocks": []}],
+            "device_traces": [trace]}
+    rv = reserved_replay(snap)
+    assert rv["reserved_start"] == 1000 and rv["reserved_peak"] == 1500 and rv["reserved_end"] == 1200
+    assert rv["grown_in_record_by_stream"] == {7: 200, 0: 300}
+    assert rv["awaiting_other_streams_at_reserved_peak"] == 64
+    assert rv["allocated_by_stream_at_reserved_peak"] == {7: 64}
+    assert rv["event_at_reserved_peak"]["addr"] == 20
