@@ -563,7 +563,7 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
     for config, extra in (("vramfit-auto", {}), ("vramfit-auto-fused", {"kernels.fused_loss": True}),
                           ("vramfit-auto-liger-ops", {"kernels.liger_ops": True}),
                           ("vramfit-auto-peft-lora", {"kernels.fused_lora": False}),
-                          ("vramfit-auto-offload-async", {"train.offload_async": True})):  # fmt: skip
+                          ("vramfit-auto-offload-async", {"train.offload_activations": True, "train.offload_async": True})):  # fmt: skip
         wanted = {"vramfit-auto-fused": fused, "vramfit-auto-liger-ops": liger_ops, "vramfit-auto-peft-lora": peft_lora,
                   "vramfit-auto-offload-async": offload_async}
         if not wanted.get(config, True):
@@ -580,7 +580,8 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
             "vramfit-auto-fused": "planner's plan with the fused loss pinned on (auto-fit turns it on itself only where it buys a faster plan)",
             "vramfit-auto-liger-ops": "planner's plan with liger's fused RMSNorm/SwiGLU/RoPE pinned on (opt-in: auto-fit never turns it on)",
             "vramfit-auto-peft-lora": "planner's plan with kernels.fused_lora pinned off (PEFT's LoRA layers as they are)",
-            "vramfit-auto-offload-async": "planner's plan with train.offload_async pinned on (opt-in)",
+            "vramfit-auto-offload-async": "planner's plan with the checkpointed layer inputs in host RAM, copied on a stream of "
+                                          "their own (train.offload_activations and train.offload_async pinned on; async is opt-in)",
         }[config]
         rows.append(Row("speed", seed.group, config, seed.arch, seed.budget_gib, argv, True, peak,
                         run_seconds(seed.arch, cfg, steps, gpu_name), intended=cfg.model_dump(mode="json"),
@@ -982,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--liger-ops", action="store_true", help="speed: add the planner's plan with kernels.liger_ops on")
     ap.add_argument("--fused-lora", action="store_true",
                     help="speed: add the planner's plan with kernels.fused_lora off (on by default since session 13)")
-    ap.add_argument("--offload-async", action="store_true", help="speed: add the planner's plan with train.offload_async on")
+    ap.add_argument("--offload-async", action="store_true", help="speed: add the planner's plan with train.offload_activations and train.offload_async on")
     ap.add_argument("--skip", action="append", metavar="CONFIG",
                     help="leave out the rows of this config, e.g. seed-as-written-uncapped (repeatable)")
     ap.add_argument("--edge", action="store_true", help="max-context: also train the longest predicted under the budget with no margin")

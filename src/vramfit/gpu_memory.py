@@ -111,7 +111,25 @@ class MemoryMonitor:
             # cudaMalloc failures the caching allocator recovered from by freeing its cache
             # and retrying (each a device sync): a run close to its cap can slow down on them.
             "alloc_retries": int(torch.cuda.memory_stats().get("num_alloc_retries", 0)),
+            **_reserve_detail(torch),
         }
+
+
+def _reserve_detail(torch) -> dict[str, Any]:
+    """Where reserved memory beyond the allocated sits, for calibrating the memory model's
+    allocator terms: the peak of free pieces split off blocks in use (fragmentation), and
+    the reserved bytes at the end by CUDA stream (each stream's blocks are a pool of their
+    own; the allocator returns nothing to the driver during training, so the end shows what
+    each stream's pool grew to). A snapshot of the segments only: no allocation history."""
+    stats = torch.cuda.memory_stats()
+    by_stream: dict[str, float] = {}
+    for seg in torch.cuda.memory_snapshot():
+        key = str(seg.get("stream", 0))
+        by_stream[key] = by_stream.get(key, 0.0) + seg.get("total_size", 0)
+    return {
+        "peak_inactive_split_gib": round(stats.get("inactive_split_bytes.all.peak", 0) / GIB, 3),
+        "reserved_by_stream_gib": {k: round(v / GIB, 3) for k, v in sorted(by_stream.items())},
+    }
 
 
 def apply_budget(budget_gib: float, monitor: MemoryMonitor) -> str:
