@@ -552,20 +552,6 @@ def _lora_inputs_uncast(model, cfg: RunConfig, args):
     return disable_input_dtype_casting(model)
 
 
-def _freeze_setup_objects() -> None:
-    """Move every object alive before training (model, tokenizer, data, Trainer: hundreds of
-    thousands of Python objects that live for the whole run) out of the cyclic garbage
-    collector's reach (gc.freeze), so its full collections during training walk only what
-    training makes. Suspected cause of one step in four running ~12% slow in the 24 GB
-    LoRA r128 plan (docs/benchmarks/speed/14-dropout0-async-mb8/); reference counting still
-    frees everything at once as before, and frozen objects that become garbage are merely
-    never collected as cycles."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-
-
 def _memory_history(path: str | None, device: str):
     """For calibration (scripts/backward_peak_report.py): with VRAMFIT_MEMORY_HISTORY=FILE on
     a GPU, record every allocation of the training loop with its Python stack, and return
@@ -735,7 +721,6 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         raise Preempted("stopped by a signal before training started; nothing to save", "rerun the same command to start")
     gate = _gpu_turn(os.environ.get("VRAMFIT_GPU_TURN"))  # noqa: F841 (held until exit)
     history = _memory_history(os.environ.get("VRAMFIT_MEMORY_HISTORY"), doc["device"])
-    _freeze_setup_objects()
     start = time.perf_counter()
     with _lora_inputs_uncast(model, cfg, args):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
