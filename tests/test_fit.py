@@ -345,3 +345,26 @@ def test_fused_lora_is_on_by_default_kept_by_auto_fit_and_explained():
                                 "launch": cfg.launch.model_copy(update={"gpus": 2})})  # fmt: skip
     _, why = auto_fit(z3, {"method", "deepspeed.stage"}, Q7, 24, "NVIDIA H200", SHORT, fused_available=True)
     assert not any("fused_lora" in x for x in why)
+
+
+def test_no_line_quotes_a_faster_plan_than_the_one_chosen():
+    # The 24 GB guide's method kept with dropout 0 (session 14): a plan with the layer inputs
+    # in host RAM is predicted under 5% faster, so the on-GPU plan is chosen. The other lines
+    # quoted that passed-over plan's 11,913 tokens/s as "with every layer checkpointed" and
+    # "without" the host-RAM embeddings, beside a chosen plan of 11,347.
+    import re
+
+    cfg = base(method="lora", data={"seq_len": 1536}, lora={"r": 128, "dropout": 0.0, "target_modules": "all-linear"})
+    pinned = {"method", "data.seq_len", "lora.r", "lora.dropout", "lora.target_modules"}
+    c, why = auto_fit(cfg, pinned, Q7, 24, "NVIDIA H100 80GB HBM3", LengthStats((1 << 20,)), fused_available=True)
+    chosen = estimate_speed(Q7, c, LengthStats((1 << 20,)), "NVIDIA H100 80GB HBM3").tokens_per_s
+    assert not c.train.offload_activations
+    # A faster plan with the inputs in host RAM existed, and was passed over.
+    host, _ = auto_fit(base(method="lora", data={"seq_len": 1536}, lora={"r": 128, "dropout": 0.0, "target_modules": "all-linear"},
+                            train={"offload_activations": True}),
+                       pinned | {"train.offload_activations"}, Q7, 24, "NVIDIA H100 80GB HBM3", LengthStats((1 << 20,)),
+                       fused_available=True)  # fmt: skip
+    faster = estimate_speed(Q7, host, LengthStats((1 << 20,)), "NVIDIA H100 80GB HBM3").tokens_per_s
+    assert chosen < faster < chosen * (1 + OFFLOAD_MIN_GAIN)
+    quoted = [int(x.replace(",", "")) for line in why for x in re.findall(r"\d{1,3}(?:,\d{3})+", line)]
+    assert quoted and max(quoted) <= round(chosen)

@@ -296,11 +296,18 @@ def auto_fit(
     )
     # The fastest plan at this length with the activations on the GPU, if any fits.
     on_gpu = max((c for c in at_seq if not c.config.train.offload_activations), key=lambda c: c.tokens_per_s, default=None)
+    passed_over = False
     if best.config.train.offload_activations and on_gpu is not None:
         # Host RAM for a speed gain only where the gain is clear: the PCIe cost is an
         # effective rate over six runs, and a pinned host buffer of several GiB is not free.
         if on_gpu.tokens_per_s * (1 + OFFLOAD_MIN_GAIN) >= best.tokens_per_s:
-            best = on_gpu
+            best, passed_over = on_gpu, True
+    # Each line compares the plan with the alternatives it was chosen among. Where plans with
+    # the activations in host RAM were passed over for a gain under OFFLOAD_MIN_GAIN, they are
+    # not among them (the offload line says so): quoted, they read as faster plans not taken.
+    if passed_over:
+        at_seq = [c for c in at_seq if not c.config.train.offload_activations]
+        feasible = [c for c in feasible if not c.config.train.offload_activations]
     lines = _explain(best, at_seq, feasible, pinned, lengths, budget_gib, effective, world)
     lines.insert(-1, _offload_line(best, on_gpu, pinned, without_acts, seqs[0], shape, dtype, lengths, gpu_name))
     if "kernels.liger_ops" in pinned:
