@@ -406,6 +406,11 @@ def checkpointed_layers(shape: ModelShape, cfg: RunConfig) -> int:
 # 10 (docs/benchmarks/speed-checks/16-fused-lora-and-async, 17-async-hold). One shape only:
 # whether it scales with the input, as assumed here, is not measured. Not from record_stream on
 # the copies out: holding each tensor until the compute stream had waited gave the same peak.
+# Nor a second stream's pool: every segment was the compute stream's (session 14,
+# metrics.json's reserved_by_stream_gib). A second shape (session 14, H100: 16-bit LoRA r128
+# all-linear, micro-batch 8 x 1536, speed/14-dropout0-async-mb8) reserved 1.30 GiB beyond the
+# allocated, about 16 of its inputs; its whole peak was still predicted 7% over (the
+# allocated part by more), so the term stays at 10 until a shape shows it short.
 OFFLOAD_ASYNC_RESERVE_INPUTS = 10.0
 
 
