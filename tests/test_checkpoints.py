@@ -206,3 +206,33 @@ def test_every_checkpoint_file_is_flushed_to_disk_before_it_is_renamed_into_plac
         assert str(staged / "trainer_state.json") in synced and str(staged) in synced
         assert any(p.startswith(str(staged)) and p.endswith(".safetensors") for p in synced)
     assert synced.count(str(ckpts)) == 3  # once per rename
+
+
+def test_an_unexpected_error_in_training_is_kept_in_train_log(tmp_path, monkeypatch):
+    # The traceback goes to RUN_DIR/train.log as well as stderr (a rented machine's terminal
+    # is often gone), and the error itself still surfaces, unchanged, to exit 1.
+    import pytest
+
+    import vramfit.train as train
+    from vramfit.render import CRASH_MARK
+
+    (tmp_path / "train.log").write_text("step 1/4 | loss 2.0\n")
+
+    def boom(run_dir, resume):
+        raise RuntimeError("boom in a library")
+
+    monkeypatch.setattr(train, "run", boom)
+    with pytest.raises(RuntimeError, match="boom in a library"):
+        train.main([str(tmp_path)])
+    log = (tmp_path / "train.log").read_text()
+    assert log.startswith("step 1/4 | loss 2.0\n" + CRASH_MARK + "\nTraceback (most recent call last):")
+    assert log.rstrip().endswith("RuntimeError: boom in a library")
+
+
+def test_logging_a_crash_never_raises(tmp_path):
+    import vramfit.train as train
+
+    try:
+        raise ValueError("x")
+    except ValueError:
+        train.log_crash(tmp_path / "no-such-dir")  # the OSError is swallowed: the ValueError is the one to see

@@ -259,6 +259,27 @@ def test_train_failure_is_one_line_with_resume_hint(work, monkeypatch):
     assert (work / "run" / "plan.yaml").is_file()  # kept, to resume
 
 
+def test_train_failure_points_at_the_traceback_the_trainer_logged(work, monkeypatch):
+    import vramfit.launch as launch
+    from vramfit.render import CRASH_MARK
+
+    run = work / "run"
+
+    def crash(script, extra=None, **kw):
+        with (Path(script).parent / "train.log").open("a") as f:
+            f.write(CRASH_MARK + "\nTraceback (most recent call last):\nRuntimeError: boom\n")
+        return 1
+
+    monkeypatch.setattr(launch, "execute", crash)
+    r = invoke("train", "--out", run)
+    line = assert_clean_error(r, 4, "training exited with code 1")
+    assert f"its traceback is also in {run.resolve() / 'train.log'}" in line
+    # The same run failing again without a crash of its own: the old one is not pointed at.
+    monkeypatch.setattr(launch, "execute", lambda script, extra=None, **kw: 9)
+    line = assert_clean_error(invoke("train", "--out", run), 4, "training exited with code 9")
+    assert "traceback" not in line
+
+
 # ---------------------------------------------------------------- bad inputs
 
 

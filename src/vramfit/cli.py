@@ -297,6 +297,24 @@ def _length_stats(config, records):
     return LengthStats(tuple(len(e["input_ids"]) for e in examples))
 
 
+def _log_size(run_dir: Path) -> int:
+    log = run_dir / "train.log"
+    return log.stat().st_size if log.is_file() else 0
+
+
+def _crash_logged(run_dir: Path, since: int) -> bool:
+    """Whether the trainer logged a crash (train.log_crash) in what it wrote after ``since``
+    bytes: an earlier attempt's crash further up the log is not this one."""
+    from .render import CRASH_MARK
+
+    log = run_dir / "train.log"
+    if not log.is_file():
+        return False
+    with log.open("rb") as f:
+        f.seek(since)
+        return CRASH_MARK.encode() in f.read()
+
+
 def _default_out(plan) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(plan.model_ref.replace("embedded:", "")).name).strip("-") or "model"
     return Path("runs") / f"{slug}-{plan.preset or 'custom'}"
@@ -477,6 +495,7 @@ def train(
         if dry_run:
             typer.echo(f"dry run: nothing trained. Start it with: bash {run_dir}/launch.sh")
             return
+    log_start = _log_size(run_dir)
     code = execute(run_dir / "launch.sh", ["--resume"] if resume else [], env=node_env)
     from .errors import Preempted, RunLocked
     from .oom import OOM_EXIT, adjust_after_oom, oom_cause
@@ -504,9 +523,10 @@ def train(
     if code != 0:
         from .errors import TrainingFailed
 
+        where = f" (its traceback is also in {run_dir / 'train.log'})" if _crash_logged(run_dir, log_start) else ""
         raise TrainingFailed(
             f"training exited with code {code}; the run directory {run_dir} is kept",
-            f"fix the cause above, then `vramfit train --resume --out {run_dir}` continues from the last checkpoint",
+            f"fix the cause above{where}, then `vramfit train --resume --out {run_dir}` continues from the last checkpoint",
         )
     metrics = run_dir / METRICS
     if metrics.is_file():

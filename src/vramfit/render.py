@@ -28,6 +28,9 @@ PLAN_FILE = "plan.yaml"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"  # PEFT adapter (or full weights) + tokenizer, written by train
 METRICS = "metrics.json"
+# The line train.py writes into RUN_DIR/train.log above the traceback of a crash; the CLI
+# looks for it to say where the traceback is kept.
+CRASH_MARK = "crash: training stopped on an unexpected error"
 
 
 def training_args(plan: Plan) -> dict[str, Any]:

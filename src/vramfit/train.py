@@ -41,7 +41,7 @@ from .model_source import load_tokenizer, resolve_model_dir
 from .preempt import PreemptionCallback
 from .quiet import quiet_libraries
 from .data import TOKENS_KEY
-from .render import ADAPTER, CHECKPOINTS, METRICS, read_plan, write_text_atomic
+from .render import ADAPTER, CHECKPOINTS, CRASH_MARK, METRICS, read_plan, write_text_atomic
 
 GIB = 1 << 30
 
@@ -821,8 +821,31 @@ def main(argv: list[str] | None = None) -> int:
         # Not an "error:" line: the launcher decides whether this ends the run (see oom.py).
         print(f"oom: CUDA out of memory at step {record['step']} ({record['message']})", file=sys.stderr)
         return OOM_EXIT
+    except Exception:
+        log_crash(a.run_dir)
+        raise  # Python prints it to stderr too, and exits 1: the launcher says where to look
     _close_process_group()
     return 0
+
+
+def log_crash(run_dir: Path) -> None:
+    """Append the exception being handled, with its traceback, to RUN_DIR/train.log: on a
+    rented machine the terminal that showed it is often gone when someone looks, and the
+    run directory is what is kept. Each rank writes its own (one append each); never raises,
+    so the original error is the one that surfaces."""
+    import traceback
+
+    rank = os.environ.get("RANK")
+    head = CRASH_MARK + (f" (rank {rank})" if rank is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1 else "")
+    text = head + "\n" + traceback.format_exc()
+    try:
+        fd = os.open(run_dir / "train.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, text.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _close_process_group() -> None:
