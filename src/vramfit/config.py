@@ -110,9 +110,9 @@ class TrainConfig(_Section):
     # a CUDA stream of their own, each fetched back one layer ahead of its recomputation,
     # instead of on the compute stream, where every copy stalls the kernels after it (a 7B's
     # inputs at micro-batch 8 x 1536 tokens: ~0.18 s of a 2.5 s step). Off by default and
-    # never chosen by auto-fit: on an H100 the 8 GB plan ran 7.9% faster with it, but peaked
-    # 0.46 GiB higher (the allocator's reserve, memory.OFFLOAD_ASYNC_RESERVE_INPUTS), measured
-    # on one plan only. offload.StreamCopies; CPU runs copy in order either way. Without
+    # never chosen by auto-fit: on H100s the 8 GB plan ran 7.9% and 4.1% faster with it, but
+    # peaked 0.46-0.48 GiB higher (the allocator's reserve, memory.OFFLOAD_ASYNC_RESERVE_INPUTS),
+    # checked on two shapes only. offload.StreamCopies; CPU runs copy in order either way. Without
     # offload_activations and grad_ckpt it does nothing (so auto-fit may still choose those).
     offload_async: bool = False
     # Keep the (frozen) input embedding table in host RAM: the lookup runs on the CPU and
