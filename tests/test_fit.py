@@ -368,3 +368,34 @@ def test_no_line_quotes_a_faster_plan_than_the_one_chosen():
     assert chosen < faster < chosen * (1 + OFFLOAD_MIN_GAIN)
     quoted = [int(x.replace(",", "")) for line in why for x in re.findall(r"\d{1,3}(?:,\d{3})+", line)]
     assert quoted and max(quoted) <= round(chosen)
+
+
+H100_RUNS = [  # session 14, H100 SXM; none of them among the pairs GPU_MEASURED_RELATIVE comes from
+    "speed/13-dropout0-and-async/runs/run-8gb-qlora-vramfit-auto",
+    "speed/13-dropout0-and-async/runs/run-24gb-lora-method-kept-dropout0-vramfit-auto",
+    "speed/14-dropout0-async-mb8/runs/run-8gb-qlora-vramfit-auto",
+    "speed/14-dropout0-async-mb8/runs/run-24gb-lora-method-kept-dropout0-vramfit-auto",
+    "speed/14-dropout0-async-mb8/runs/run-24gb-lora-method-kept-dropout0-vramfit-auto-offload-async",
+]
+
+
+@pytest.mark.parametrize("run", H100_RUNS)
+def test_h100_plans_are_predicted_within_5_percent(run):
+    # The H200-fitted speed model over-predicted these by 3-8% on an H100 before its measured
+    # relative speed (0.94) was applied; the fused LoRA layers and dropout 0 are new to them.
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from vramfit.speed import measured_relative
+
+    path = Path(__file__).resolve().parents[1] / "docs/benchmarks" / run
+    if not path.is_dir():
+        pytest.skip("no docs/ in this install")
+    plan = yaml.safe_load((path / "plan.yaml").read_text())
+    cfg = RunConfig.model_validate(plan["config"])
+    measured = json.loads((path / "metrics.json").read_text())
+    assert measured["device"] == "NVIDIA H100 80GB HBM3" and measured_relative(measured["device"]) < 1
+    predicted = estimate_speed(Q7, cfg, LengthStats((1 << 20,)), measured["device"]).tokens_per_s
+    assert abs(predicted / measured["steady_tokens_per_s"] - 1) < 0.05, (predicted, measured["steady_tokens_per_s"])

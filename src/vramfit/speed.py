@@ -70,6 +70,16 @@ GPU_TFLOPS = (
     ("V100", 125.0),
 )
 CALIBRATION_TFLOPS = 989.0  # the H200 the coefficients were fitted on
+# Cards where the H200-fitted model was checked, by how fast the same plans (configs equal
+# key for key) trained there against an H200, beyond what the data-sheet rate above says (the
+# same 989 for both). H100 SXM, three pairs: the 8 GB plan (Qwen2.5-7B QLoRA r8 q/v, 16 x 512)
+# 0.940x and 0.946x (12,220 and 12,293 against 12,999 tokens/s: docs/benchmarks/speed/
+# 12-8gb-qlora-fused-async and speed-checks/16-fused-lora-and-async against speed/8-liger-ops-auto),
+# the 24 GB guide's method-kept plan (LoRA r128 all-linear, 4 x 1536, 8-bit AdamW) 0.932x
+# (9,226 against 9,900: speed-checks/16 against speed/11-24gb-lora-method-kept-8bit). It has
+# 0.7x the H200's memory bandwidth, and its measured matmul peak was 3% lower (734 against
+# 757 TFLOP/s). Cards not listed: 1.0 (never measured).
+GPU_MEASURED_RELATIVE = (("H100 80GB HBM3", 0.94),)
 DEFAULT_TFLOPS = 312.0
 
 # Fitted by scripts/fit_speed.py (`python scripts/fit_speed.py --write`: non-negative least
@@ -210,6 +220,15 @@ def gpu_tflops(name: str | None) -> tuple[float, bool]:
         if name and key.lower() in name.lower():
             return tflops, True
     return DEFAULT_TFLOPS, False
+
+
+def measured_relative(name: str | None) -> float:
+    """How fast this card trained the same plans as the calibration H200, beyond its
+    data-sheet rate (GPU_MEASURED_RELATIVE), or 1.0 where that was never measured."""
+    for key, rel in GPU_MEASURED_RELATIVE:
+        if name and key.lower() in name.lower():
+            return rel
+    return 1.0
 
 
 def adapted_modules_per_layer(shape: ModelShape, cfg: RunConfig) -> int:
@@ -416,6 +435,7 @@ def estimate_speed(shape: ModelShape, cfg: RunConfig, lengths: LengthStats | Non
 
     With packing, the trainer's sequences are packed rows: their lengths replace the examples'."""
     tflops, known = gpu_tflops(gpu_name)
+    tflops *= measured_relative(gpu_name)
     padded, real = batch_lengths(cfg, lengths)
     terms = micro_step_terms(shape, cfg, padded, tflops)
     t = combine(terms)
