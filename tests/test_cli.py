@@ -273,7 +273,7 @@ def test_train_failure_points_at_the_traceback_the_trainer_logged(work, monkeypa
     monkeypatch.setattr(launch, "execute", crash)
     r = invoke("train", "--out", run)
     line = assert_clean_error(r, 4, "training exited with code 1")
-    assert f"its traceback is also in {run.resolve() / 'train.log'}" in line
+    assert f"fix the cause above, whose traceback is also in {run.resolve() / 'train.log'}, then" in line
     # The same run failing again without a crash of its own: the old one is not pointed at.
     monkeypatch.setattr(launch, "execute", lambda script, extra=None, **kw: 9)
     line = assert_clean_error(invoke("train", "--out", run), 4, "training exited with code 9")

@@ -523,7 +523,7 @@ def train(
     if code != 0:
         from .errors import TrainingFailed
 
-        where = f" (its traceback is also in {run_dir / 'train.log'})" if _crash_logged(run_dir, log_start) else ""
+        where = f", whose traceback is also in {run_dir / 'train.log'}" if _crash_logged(run_dir, log_start) else ""
         raise TrainingFailed(
             f"training exited with code {code}; the run directory {run_dir} is kept",
             f"fix the cause above{where}, then `vramfit train --resume --out {run_dir}` continues from the last checkpoint",
