@@ -403,8 +403,8 @@ def checkpointed_layers(shape: ModelShape, cfg: RunConfig) -> int:
 # r8 q/v, micro-batch 16 x 512, checkpointed inputs in host RAM) peaked at 7.45 and 7.46 GiB
 # in two H100 runs with it, 6.99 without: 0.06 GiB more allocated (the input in flight, already
 # counted) and 0.39 GiB more reserved, about 9 of that plan's 0.055 GiB inputs; rounded up to
-# 10 (docs/benchmarks/speed-checks/16-fused-lora-and-async, 17-async-hold). One shape only:
-# whether it scales with the input, as assumed here, is not measured. Not from record_stream on
+# 10 (docs/benchmarks/speed-checks/16-fused-lora-and-async, 17-async-hold). Fitted on that one
+# shape; that it scales with the input is an assumption (see below). Not from record_stream on
 # the copies out: holding each tensor until the compute stream had waited gave the same peak.
 # Nor a second stream's pool: every segment was the compute stream's (session 14,
 # metrics.json's reserved_by_stream_gib). A second shape (session 14, H100: 16-bit LoRA r128
