@@ -1040,6 +1040,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(p.wait() for p in procs):
         print("building a model failed: see benchmark.log", file=sys.stderr)
         return 1
+    # The models just written (15 GB for a 7B) sit dirty in the page cache: flush them now, not
+    # during a timed run. Suspected, not shown, of the slow step in four of session 14's first
+    # runs after a build (docs/benchmarks.md).
+    os.sync()
     t0 = time.perf_counter()
     failures = execute(rows, a.results, a.work, meta, r, a.archive)
     n_speed, n_ctx = write_tables([a.results], a.results)

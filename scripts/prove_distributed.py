@@ -110,6 +110,11 @@ def build_inputs(r: Runner, work: Path, archs: list[str]) -> dict[str, Path]:
     for p in procs:
         if p.wait():
             raise SystemExit("building a model failed: see distributed.log")
+    if procs:
+        # A 7B's 15 GB just written sit in the page cache, dirty: flush them before any timed
+        # run rather than let the kernel write them back during one. Suspected (not shown) of
+        # the slow step in four of the first runs after a build (docs/benchmarks.md, session 14).
+        __import__("os").sync()
     models["data"] = data
     return models
 
