@@ -298,16 +298,18 @@ def _length_stats(config, records):
 
 
 def _log_size(run_dir: Path) -> int:
-    log = run_dir / "train.log"
+    from .render import TRAIN_LOG
+
+    log = run_dir / TRAIN_LOG
     return log.stat().st_size if log.is_file() else 0
 
 
 def _crash_logged(run_dir: Path, since: int) -> bool:
     """Whether the trainer logged a crash (train.log_crash) in what it wrote after ``since``
     bytes: an earlier attempt's crash further up the log is not this one."""
-    from .render import CRASH_MARK
+    from .render import CRASH_MARK, TRAIN_LOG
 
-    log = run_dir / "train.log"
+    log = run_dir / TRAIN_LOG
     if not log.is_file():
         return False
     with log.open("rb") as f:
@@ -437,7 +439,7 @@ def train(
     """Plan, write the run directory, and train."""
     from .launch import execute
     from .plan import require_fit
-    from .render import METRICS, PLAN_FILE, plan_differences, read_plan, write_run_dir
+    from .render import METRICS, PLAN_FILE, TRAIN_LOG, plan_differences, read_plan, write_run_dir
 
     launch = _launch_overrides(gpus, nodes, node_rank, master_addr, master_port)
     if resume:
@@ -523,7 +525,7 @@ def train(
     if code != 0:
         from .errors import TrainingFailed
 
-        where = f", whose traceback is also in {run_dir / 'train.log'}" if _crash_logged(run_dir, log_start) else ""
+        where = f", whose traceback is also in {run_dir / TRAIN_LOG}" if _crash_logged(run_dir, log_start) else ""
         raise TrainingFailed(
             f"training exited with code {code}; the run directory {run_dir} is kept",
             f"fix the cause above{where}, then `vramfit train --resume --out {run_dir}` continues from the last checkpoint",

@@ -28,6 +28,7 @@ PLAN_FILE = "plan.yaml"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"  # PEFT adapter (or full weights) + tokenizer, written by train
 METRICS = "metrics.json"
+TRAIN_LOG = "train.log"  # progress lines, and a crash's traceback (train.log_crash)
 # The line train.py writes into RUN_DIR/train.log above the traceback of a crash; the CLI
 # looks for it to say where the traceback is kept.
 CRASH_MARK = "crash: training stopped on an unexpected error"

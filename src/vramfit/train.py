@@ -41,7 +41,7 @@ from .model_source import load_tokenizer, resolve_model_dir
 from .preempt import PreemptionCallback
 from .quiet import quiet_libraries
 from .data import TOKENS_KEY
-from .render import ADAPTER, CHECKPOINTS, CRASH_MARK, METRICS, read_plan, write_text_atomic
+from .render import ADAPTER, CHECKPOINTS, CRASH_MARK, METRICS, TRAIN_LOG, read_plan, write_text_atomic
 
 GIB = 1 << 30
 
@@ -51,7 +51,7 @@ class Log:
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.file = open(run_dir / "train.log", "a", encoding="utf-8") if enabled else None
+        self.file = open(run_dir / TRAIN_LOG, "a", encoding="utf-8") if enabled else None
 
     def __call__(self, msg: str) -> None:
         if not self.enabled:
@@ -839,7 +839,7 @@ def log_crash(run_dir: Path) -> None:
     head = CRASH_MARK + (f" (rank {rank})" if rank is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1 else "")
     text = head + "\n" + traceback.format_exc()
     try:
-        fd = os.open(run_dir / "train.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(run_dir / TRAIN_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, text.encode("utf-8", "replace"))
         finally:
