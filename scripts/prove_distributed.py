@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
@@ -100,7 +101,7 @@ def build_inputs(r: Runner, work: Path, archs: list[str]) -> dict[str, Path]:
         models[arch] = work / arch
         if (models[arch] / "config.json").is_file():
             continue
-        env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)}
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)}
         procs.append(r.start([PY, str(ROOT / "scripts/make_random_model.py"), str(ROOT / f"scripts/archs/{arch}.json"),
                               str(models[arch]), "--device", "cuda"], env=env))  # fmt: skip
     data = work / "long.jsonl"
@@ -114,7 +115,7 @@ def build_inputs(r: Runner, work: Path, archs: list[str]) -> dict[str, Path]:
         # A 7B's 15 GB just written sit in the page cache, dirty: flush them before any timed
         # run rather than let the kernel write them back during one. Suspected (not shown) of
         # the slow step in four of the first runs after a build (docs/benchmarks.md, session 14).
-        __import__("os").sync()
+        os.sync()
     models["data"] = data
     return models
 

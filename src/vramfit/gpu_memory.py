@@ -99,6 +99,7 @@ class MemoryMonitor:
         import torch
 
         self.sample()
+        stats = torch.cuda.memory_stats()
         return {
             "device": torch.cuda.get_device_name(),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
@@ -110,18 +111,18 @@ class MemoryMonitor:
             "setup_peak_allocated_gib": round(self.setup_peak / GIB, 3) if self.setup_peak else None,
             # cudaMalloc failures the caching allocator recovered from by freeing its cache
             # and retrying (each a device sync): a run close to its cap can slow down on them.
-            "alloc_retries": int(torch.cuda.memory_stats().get("num_alloc_retries", 0)),
-            **_reserve_detail(torch),
+            "alloc_retries": int(stats.get("num_alloc_retries", 0)),
+            **_reserve_detail(torch, stats),
         }
 
 
-def _reserve_detail(torch) -> dict[str, Any]:
+def _reserve_detail(torch, stats: dict[str, Any]) -> dict[str, Any]:
     """Where reserved memory beyond the allocated sits, for calibrating the memory model's
     allocator terms: the peak of free pieces split off blocks in use (fragmentation), and
     the reserved bytes at the end by CUDA stream (each stream's blocks are a pool of their
     own; the allocator returns nothing to the driver during training, so the end shows what
-    each stream's pool grew to). A snapshot of the segments only: no allocation history."""
-    stats = torch.cuda.memory_stats()
+    each stream's pool grew to). ``stats``: torch.cuda.memory_stats(). A snapshot of the
+    segments only: no allocation history."""
     by_stream: dict[str, float] = {}
     for seg in torch.cuda.memory_snapshot():
         key = str(seg.get("stream", 0))
