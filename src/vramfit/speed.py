@@ -110,8 +110,8 @@ CPU_TERMS = ("layer_pass", "module_pass", "q4_module_pass")
 # OFFLOAD_PCIE_GB_S comes from: ~0 s beyond the other terms for 3.3 GB at the 7B's 8k
 # tokens). In fact, without train.offload_async (opt-in), they are queued on the compute
 # stream, each stalling the kernels after it (offload.InlineCopies): the fitted rate and the
-# norm describe those runs. Copies on a stream of their own ran the 8 GB plan 7.9% faster on
-# an H100 (session 13, one plan): not credited here.
+# norm describe those runs. Copies on a stream of their own ran the 8 GB plan 7.9% and 4.1%
+# faster in two H100 runs (sessions 13 and 14): not credited here.
 # Without checkpointing the backward waits on every saved tensor's copy back, and the copies
 # add (1.2-1.5 s for 64-81 GB there).
 COPY_TERMS = ("offload_checkpointed",)
