@@ -291,3 +291,24 @@ def test_fused_lora_trains_the_same_adapter(tmp_path):
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_lean_recompute_through_the_cli_trains_the_same_adapter(tmp_path):
+    """kernels.lean_recompute with checkpointing on: train.py flags each down_proj and runs the
+    recomputations under its context (the log line says how many layers) and the adapter is
+    the one trained without it (tests/test_fused_lora.py checks single steps exactly)."""
+    import torch
+
+    common = ("--preset", "cpu", "--set", "train.max_steps=3", "--set", "train.logging_steps=1", "--set", "train.grad_ckpt=true")
+    metrics = {}
+    for name, lean in (("plain", "false"), ("lean", "true")):
+        p = vramfit("train", *common, "--set", f"kernels.lean_recompute={lean}", "--out", name, cwd=tmp_path)
+        assert p.returncode == 0, show(p)
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    log = (tmp_path / "lean" / "train.log").read_text()
+    assert re.search(r"the recomputation of \d+ decoder layers leaves out down_proj's base multiply", log), log
+    assert "leaves out down_proj" not in (tmp_path / "plain" / "train.log").read_text()
+    assert metrics["lean"]["final_loss"] == pytest.approx(metrics["plain"]["final_loss"], abs=1e-5)
+    a, b = _adapter_tensors(tmp_path / "plain"), _adapter_tensors(tmp_path / "lean")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)

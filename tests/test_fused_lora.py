@@ -220,3 +220,90 @@ def test_4bit_layers_outside_autocast_keep_peft_s_fp32_adapter_path(qlora_model,
     install(model)
     monkeypatch.setattr(LoraBranchFunction, "apply", lambda *a: pytest.fail("fused outside autocast"))
     model(input_ids=torch.randint(0, 300, (1, 8)))
+
+
+# ---------------------------------------------------------------- kernels.lean_recompute
+
+
+def _lean_step(model, lean: bool, ids, autocast: bool = False):
+    """One checkpointed step with the layers routed (and, with ``lean``, down_proj flagged and
+    the recomputation under checkpoint_contexts, as train.py sets it up): (loss, gradients,
+    how many recomputations skipped the base multiply)."""
+    from vramfit import fused_lora
+    from vramfit.offload import outermost_layers
+
+    model = copy.deepcopy(model)
+    install(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    skipped = []
+    if lean:
+        layers = outermost_layers(model)
+        assert fused_lora.mark_unused_outputs(model) == len(layers) > 0
+        assert fused_lora.lean_checkpointing(layers) == len(layers)
+        assert fused_lora.lean_checkpointing(layers) == len(layers)  # twice: wrapped once
+        real = fused_lora._skips_base
+        fused_lora_skips = lambda layer: skipped.append(real(layer)) or skipped[-1]  # noqa: E731
+        fused_lora._skips_base = fused_lora_skips
+    try:
+        torch.manual_seed(7)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+        with ctx:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        if lean:
+            fused_lora._skips_base = real
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, sum(skipped)
+
+
+def test_lean_recompute_skips_down_proj_s_multiply_and_keeps_every_gradient():
+    # dropout on: the recomputation must draw the same masks with the multiply left out
+    model = tiny_model(LORA)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(3, 262, (2, 37))
+    loss, grads, none = _lean_step(model, False, ids)
+    loss_l, grads_l, skipped = _lean_step(model, True, ids)
+    layers = model.config.num_hidden_layers
+    assert none == 0 and skipped == layers  # once per layer: each down_proj's recomputation
+    assert loss_l == loss and grads.keys() == grads_l.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_l[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_lean_recompute_on_4bit_layers_skips_bitsandbytes_call_same_gradients(qlora_model):
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    loss, grads, _ = _lean_step(qlora_model, False, ids, autocast=True)
+    loss_l, grads_l, skipped = _lean_step(qlora_model, True, ids, autocast=True)
+    assert skipped == qlora_model.config.num_hidden_layers
+    assert loss_l == loss
+    for name in grads:
+        torch.testing.assert_close(grads_l[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_lean_recompute_output_that_is_read_fails_loudly_never_a_wrong_gradient():
+    # Without checkpoint's early stop the recomputation runs past down_proj into the residual
+    # add: the meta output must make that an error, not garbage in a gradient.
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    model = tiny_model(LORA)
+    with set_checkpoint_early_stop(False), pytest.raises(RuntimeError, match="meta"):
+        _lean_step(model, True, torch.randint(3, 262, (2, 9)))
+
+
+def test_lean_recompute_flags_nothing_where_the_layer_does_not_end_in_down_proj():
+    from vramfit.fused_lora import lean_checkpointing, mark_unused_outputs
+    from vramfit.offload import outermost_layers
+
+    model = tiny_model(LORA)
+    install(model)
+    model.config.model_type = "gemma2"  # a norm after the MLP: its output is read
+    assert mark_unused_outputs(model) == 0
+    model.config.model_type = "qwen2"
+    unrouted = tiny_model(LORA)  # PEFT's own layers: nothing of ours to skip
+    assert mark_unused_outputs(unrouted) == 0
+    # a reentrant checkpoint (no early stop to rest on) is left alone
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert lean_checkpointing(outermost_layers(model)) == 0

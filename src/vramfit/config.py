@@ -159,6 +159,15 @@ class KernelsConfig(_Section):
     # GB QLoRA r8 q/v plan 1.3% (docs/benchmarks/speed-checks/16-fused-lora-and-async). Not under
     # ZeRO-3; false gives PEFT's layers as they are.
     fused_lora: bool = True
+    # With fused_lora and grad_ckpt: a checkpointed decoder layer's recomputation leaves out
+    # the base multiply of its down_proj, whose output only the layer's output reads, which the
+    # backward never needs (fused_lora.py says how; llama, mistral, qwen2/3 and gemma layers:
+    # model_shape.DOWN_PROJ_LAST). Where down_proj is adapted that is its largest matrix multiply
+    # done for nothing: Qwen2.5-7B's down_proj holds 68M of a layer's 233M weights. The same
+    # gradients (tests/test_fused_lora.py). Not with PEFT's own layers (fused_lora false). An
+    # unadapted 4-bit down_proj needs nothing: bitsandbytes' layer saves no tensor, so torch's
+    # checkpoint already stops the recomputation before it.
+    lean_recompute: bool = True
 
 
 class DeepSpeedConfig(_Section):

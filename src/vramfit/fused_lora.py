@@ -26,6 +26,18 @@ the backward is what PEFT saves (the dropped-out input and its mask, the r-wide 
 less the 16-bit copies of the adapter weights that autocast keeps: those are cast again in
 the backward.
 
+kernels.lean_recompute: where a checkpointed decoder layer's last operation is
+``residual + mlp.down_proj(...)`` (model_shape.DOWN_PROJ_LAST), nothing after down_proj is
+saved for the backward, so its recomputation needs only what down_proj's own function saves
+(the input, the adapter's product), not its output. torch.utils.checkpoint (non-reentrant,
+with its default early stop) ends a recomputation at the last saved tensor, which here comes
+after the base multiply: PEFT's layers and plain LoraLinearFunction recompute the 7B's largest
+matrix multiply for nothing. ``mark_unused_outputs`` flags those layers; during a
+recomputation (``checkpoint_contexts``, the checkpoint's context_fn, sets a flag) their
+function saves the same tensors and returns an empty *meta* tensor instead of multiplying.
+Were that output ever read (an architecture not as assumed, early stop turned off), the op
+reading it fails on the device mismatch: an error, never a wrong gradient.
+
 Only the plain case is taken over: one active adapter, no DoRA or other variant, no LoRA
 bias, the input in the compute dtype (and, outside autocast, the adapter in it too). Anything
 else, and every call where the adapter is off or merged, runs PEFT's own forward. Not under
@@ -35,10 +47,43 @@ install it there).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import types
 
 import torch
 import torch.nn.functional as F
+
+
+_state = threading.local()  # .recomputing: inside a checkpointed layer's recomputation
+
+
+@contextlib.contextmanager
+def _recomputing():
+    was = getattr(_state, "recomputing", False)
+    _state.recomputing = True
+    try:
+        yield
+    finally:
+        _state.recomputing = was
+
+
+def checkpoint_contexts():
+    """torch.utils.checkpoint's ``context_fn``: the forward as it is, the recomputation flagged
+    (it runs in the autograd engine's thread, the flag's too)."""
+    return contextlib.nullcontext(), _recomputing()
+
+
+def _skips_base(layer) -> bool:
+    """Whether this call may leave the base multiply out: a recomputation, of a layer whose
+    output it never reads."""
+    return getattr(_state, "recomputing", False) and getattr(layer, "_vramfit_output_unused", False)
+
+
+def _unread(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The output a recomputation never reads: shaped, typed, no memory, and on the meta
+    device, so an op that did read it would fail instead of using garbage."""
+    return x.new_empty(x.shape[:-1] + (out_features,), device="meta")
 
 
 def _adapter_forward(x2: torch.Tensor, lora_a, p: float):
@@ -65,10 +110,13 @@ class LoraLinearFunction(torch.autograd.Function):
     multiply inside too, so the two input gradients are summed in one kernel."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
-        out = F.linear(x, weight, bias)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, skip_base: bool = False):
         dropped, mask, a = _adapter_forward(x.reshape(-1, x.shape[-1]), lora_a, p)
-        out.view(-1, out.shape[-1]).addmm_(a, lora_b.to(x.dtype).t(), alpha=scaling)
+        if skip_base:  # the same tensors saved, in the same order; the output never read
+            out = _unread(x, weight.shape[0])
+        else:
+            out = F.linear(x, weight, bias)
+            out.view(-1, out.shape[-1]).addmm_(a, lora_b.to(x.dtype).t(), alpha=scaling)
         ctx.scaling, ctx.p = scaling, p
         ctx.save_for_backward(weight, dropped, mask, a, lora_a, lora_b)
         return out
@@ -91,7 +139,7 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_x = grad_x.view(grad_out.shape[:-1] + (weight.shape[1],))
         if need_bias:
             grad_bias = g.sum(0).to(weight.dtype)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
 class LoraBranchFunction(torch.autograd.Function):
@@ -103,9 +151,11 @@ class LoraBranchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, x, lora_a, lora_b, scaling: float, p: float):
         dropped, mask, a = _adapter_forward(x.reshape(-1, x.shape[-1]), lora_a, p)
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), a, lora_b.to(x.dtype).t(), alpha=scaling)
         ctx.scaling, ctx.p = scaling, p
         ctx.save_for_backward(dropped, mask, a, lora_a, lora_b)
+        if base_out is None:  # a recomputation that skipped the base (_skips_base)
+            return _unread(x, lora_b.shape[0])
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), a, lora_b.to(x.dtype).t(), alpha=scaling)
         return out.view(base_out.shape)
 
     @staticmethod
@@ -172,14 +222,14 @@ def _forward(self, x, *args, **kwargs):
     fused = _fused_args(self, x, args, kwargs)
     if fused is None:
         return self._vramfit_peft_forward(x, *args, **kwargs)
-    return LoraLinearFunction.apply(*fused)
+    return LoraLinearFunction.apply(*fused, _skips_base(self))
 
 
 def _forward_4bit(self, x, *args, **kwargs):
     adapter = _plain_adapter(self, x, args, kwargs)
     if adapter is None:
         return self._vramfit_peft_forward(x, *args, **kwargs)
-    base_out = self.base_layer(x)  # bitsandbytes returns x's dtype
+    base_out = None if _skips_base(self) else self.base_layer(x)  # bitsandbytes returns x's dtype
     return LoraBranchFunction.apply(base_out, x, *adapter)
 
 
@@ -213,4 +263,44 @@ def install(model) -> int:
         module._vramfit_peft_forward = module.forward
         module.forward = types.MethodType(forward, module)
         n += 1
+    return n
+
+
+def mark_unused_outputs(model) -> int:
+    """kernels.lean_recompute: flag each routed down_proj of a decoder layer that ends in
+    ``residual + mlp.down_proj(...)`` (model_shape.DOWN_PROJ_LAST: the model's type says so),
+    so that its recomputation skips the base multiply. Returns how many were flagged; they
+    skip only where checkpoint_contexts runs the recomputation (train.py installs it)."""
+    from .model_shape import DOWN_PROJ_LAST
+    from .offload import outermost_layers
+
+    if getattr(getattr(model, "config", None), "model_type", None) not in DOWN_PROJ_LAST:
+        return 0
+    n = 0
+    for layer in outermost_layers(model):
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if down is not None and hasattr(down, "_vramfit_peft_forward"):
+            down._vramfit_output_unused = True
+            n += 1
+    return n
+
+
+def lean_checkpointing(layers) -> int:
+    """Run each decoder layer's recomputation under checkpoint_contexts. Only where the layer
+    checkpoints through transformers' partial of non-reentrant torch.utils.checkpoint with no
+    context of its own (what TrainingArguments' gradient_checkpointing_kwargs give): the skip
+    rests on that checkpoint's early stop. Returns how many layers it applies to."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for layer in layers:
+        f = getattr(layer, "_gradient_checkpointing_func", None)
+        if isinstance(f, functools.partial) and f.keywords.get("context_fn") is checkpoint_contexts:
+            n += 1
+        elif (isinstance(f, functools.partial) and f.func is checkpoint and f.keywords.get("use_reentrant") is False
+              and "context_fn" not in f.keywords and "early_stop" not in f.keywords):  # fmt: skip
+            layer._gradient_checkpointing_func = functools.partial(f, context_fn=checkpoint_contexts)
+            n += 1
     return n

@@ -32,6 +32,11 @@ LAYER_NORMS = {"gemma2": 4}
 # for each, all of which must be targeted together.
 FUSED = {"phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}}
 
+# Decoder layers that end in ``residual + mlp.down_proj(act(gate) * up)`` with nothing after
+# (transformers 5.x; liger's SwiGLU keeps that form): the recomputation of a checkpointed one
+# never reads down_proj's output (kernels.lean_recompute, fused_lora.py). Not gemma2/gemma3
+# (a norm after the MLP) nor phi3 (a dropout after it).
+DOWN_PROJ_LAST = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma"})
 
 @dataclass(frozen=True)
 class ModelShape:

@@ -199,6 +199,24 @@ class EmbeddingsOnHost(TrainerCallback):
         self.place()
 
 
+class LeanRecompute(TrainerCallback):
+    """kernels.lean_recompute: the Trainer sets each decoder layer's checkpoint function as
+    training begins (TrainingArguments.gradient_checkpointing); run its recomputations under
+    fused_lora.checkpoint_contexts, where the flagged down_proj layers skip their base
+    multiply."""
+
+    def __init__(self, model, log) -> None:
+        self.model, self.log = model, log
+
+    def on_train_begin(self, args, state, control, **kw):
+        from .fused_lora import lean_checkpointing
+        from .offload import outermost_layers
+
+        n = lean_checkpointing(outermost_layers(self.model))
+        if n:
+            self.log(f"checkpointing: the recomputation of {n} decoder layers leaves out down_proj's base multiply (its output is never read)")
+
+
 class PartialCheckpointing(TrainerCallback):
     """train.grad_ckpt_layers: the Trainer turns checkpointing on for every decoder layer
     as training begins (TrainingArguments.gradient_checkpointing); turn it off again for
@@ -662,6 +680,11 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
             fused = fuse_lora(model)
             if fused:
                 log(f"kernels: {fused} LoRA layers run as one function each (scaling and adds inside the matrix multiplies)")
+            if fused and cfg.train.grad_ckpt and cfg.kernels.lean_recompute and not cfg.kernels.tiled_mlp:
+                from .fused_lora import mark_unused_outputs
+
+                if mark_unused_outputs(model):  # the speed model counts it where this holds (speed.lean_recompute_params)
+                    callbacks.append(LeanRecompute(model, log))
     if cfg.train.grad_ckpt_layers is not None:  # config.py: only with grad_ckpt
         from .offload import outermost_layers
 
