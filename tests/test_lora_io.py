@@ -52,3 +52,27 @@ def test_fused_lora_is_predicted_faster_only_where_train_py_applies_it():
     f = lambda **o: step_features(shape, _cfg(**o), 1536, 989.0)["lora_io"]  # noqa: E731
     assert f(train__grad_ckpt=True) > f(train__grad_ckpt=False) > 0
     assert f(method="full") == 0
+
+
+def test_lean_recompute_is_predicted_only_where_train_py_applies_it():
+    from conftest import QWEN7B_CONFIG
+    from vramfit.model_shape import shape_from_config
+    from vramfit.speed import estimate_speed, lean_recompute_params
+
+    shape = shape_from_config(QWEN7B_CONFIG)
+    down = shape.intermediate * shape.hidden
+
+    def rate(**over):
+        return estimate_speed(shape, _cfg(kernels__fused_loss=True, **over), None, "NVIDIA H200").tokens_per_s
+
+    assert lean_recompute_params(shape, _cfg()) == down
+    assert rate() > rate(kernels__lean_recompute=False) * 1.03  # r128 all-linear, every layer recomputed
+    assert rate(method="qlora") > rate(method="qlora", kernels__lean_recompute=False)
+    # Where train.py leaves it out, nothing changes: no recomputation, PEFT's layers, down_proj
+    # not adapted, the tiled MLP, or a layer that reads down_proj's output (gemma2).
+    for over in ({"train__grad_ckpt": False}, {"kernels__fused_lora": False}, {"kernels__tiled_mlp": True},
+                 {"lora__target_modules": ["q_proj", "v_proj"]}, {"deepspeed__stage": 3}):  # fmt: skip
+        assert lean_recompute_params(shape, _cfg(**over)) == 0, over
+        assert rate(**over) == rate(**over, kernels__lean_recompute=False), over
+    gemma2 = shape_from_config({**QWEN7B_CONFIG, "model_type": "gemma2"})
+    assert lean_recompute_params(gemma2, _cfg()) == 0

@@ -109,11 +109,12 @@ class TrainConfig(_Section):
     # With offload_activations and grad_ckpt on a GPU: copy the layer inputs out and back on
     # a CUDA stream of their own, each fetched back one layer ahead of its recomputation,
     # instead of on the compute stream, where every copy stalls the kernels after it (a 7B's
-    # inputs at micro-batch 8 x 1536 tokens: ~0.18 s of a 2.5 s step). Off by default and
-    # never chosen by auto-fit: on H100s the 8 GB plan ran 7.9% and 4.1% faster with it, but
-    # peaked 0.46-0.48 GiB higher (the allocator's reserve, memory.OFFLOAD_ASYNC_RESERVE_INPUTS),
-    # checked on two shapes only. offload.StreamCopies; CPU runs copy in order either way. Without
-    # offload_activations and grad_ckpt it does nothing (so auto-fit may still choose those).
+    # inputs at micro-batch 8 x 1536 tokens: ~0.18 s of a 2.5 s step). Off by default; auto-fit
+    # tries both where the inputs are in host RAM and takes it where faster and it fits: on
+    # H100s 4-8% faster (speed.ASYNC_HIDDEN_S_PER_GB), 0.46-0.48 GiB higher peaks (the
+    # allocator's reserve, memory.OFFLOAD_ASYNC_RESERVE_INPUTS, checked on three shapes).
+    # offload.StreamCopies; CPU runs copy in order either way. Without offload_activations and
+    # grad_ckpt it does nothing.
     offload_async: bool = False
     # Keep the (frozen) input embedding table in host RAM: the lookup runs on the CPU and
     # only the rows looked up cross PCIe. A 7-8B model's table is 1 GiB in 16 bits, an

@@ -18,7 +18,7 @@ from .config import RunConfig
 from .distributed import HOST_RAM_USABLE, OFFLOAD_OPTIMIZERS, offloaded_host_bytes
 from .errors import FitError
 from .kernels import LIGER_MODEL_TYPES
-from .memory import GIB, estimate, offloaded_activation_host_bytes
+from .memory import GIB, estimate, offload_async_applies, offloaded_activation_host_bytes
 from .model_shape import ModelShape
 from .speed import LengthStats, estimate_speed, fused_lora_applies
 
@@ -178,6 +178,7 @@ def auto_fit(
         liger_ops = True
     ds_pinned = any(k.startswith("deepspeed.") for k in pinned)
     acts_pinned = "train.offload_activations" in pinned
+    async_pinned = "train.offload_async" in pinned
     longest = lengths.longest if lengths else None
     shortest = lengths.shortest if lengths else None
 
@@ -191,7 +192,13 @@ def auto_fit(
                 continue  # 4-bit weights cannot be offloaded (config.py refuses it)
             # The offload fallback sets the fused loss itself.
             fused_here = [ds["kernels__fused_loss"]] if "kernels__fused_loss" in ds else fused_options
-            for opt, fused, emb, tiled in itertools.product(optimizers(method), fused_here, embed_options, tiled_options(seq)):
+            # train.offload_async: with the checkpointed inputs in host RAM, their copies on a
+            # stream of their own (faster, ASYNC_HIDDEN_S_PER_GB) for the allocator's reserve
+            # (memory.OFFLOAD_ASYNC_RESERVE_INPUTS): tried both ways, like the fused loss.
+            asyncs = [base.train.offload_async] if async_pinned else ([False, True] if offload_acts and ckpt else [False])
+            for opt, fused, emb, tiled, copies in itertools.product(
+                optimizers(method), fused_here, embed_options, tiled_options(seq), asyncs
+            ):
                 if ds.get("deepspeed__offload_optimizer") and opt not in OFFLOAD_OPTIMIZERS:
                     continue  # offload replaces the optimizer with CPU Adam (distributed.py)
                 if emb and (method == "full" or ds.get("deepspeed__stage")):
@@ -210,6 +217,7 @@ def auto_fit(
                     train__optimizer=opt,
                     train__offload_activations=offload_acts,
                     train__offload_embeddings=emb,
+                    train__offload_async=copies,
                     kernels__tiled_mlp=tiled,
                     kernels__liger_ops=liger_ops,
                     **{"kernels__fused_loss": fused, **ds},
@@ -292,6 +300,7 @@ def auto_fit(
             not c.config.train.offload_embeddings,
             not c.config.kernels.tiled_mlp,
             not c.config.train.offload_activations,
+            not c.config.train.offload_async,
         ),
     )
     # The fastest plan at this length with the activations on the GPU, if any fits.
@@ -316,6 +325,17 @@ def auto_fit(
         plain = estimate_speed(shape, _with(best.config, kernels__liger_ops=False), lengths, gpu_name).tokens_per_s
         lines.insert(-1, "kernels.liger_ops true: liger's fused RMSNorm, SwiGLU and RoPE keep less for the backward and "
                          f"launch fewer kernels ({best.tokens_per_s:,.0f} tokens/s predicted; {plain:,.0f} without)")  # fmt: skip
+    if best.config.train.offload_async and offload_async_applies(best.config, "cuda"):
+        how = "pinned" if async_pinned else "chosen"
+        sync = _with(best.config, train__offload_async=False)
+        plain = estimate_speed(shape, sync, lengths, gpu_name).tokens_per_s
+        more = best.peak_gib - estimate(shape, sync, dtype, "cuda", lengths.longest if lengths else None,
+                                        lengths.shortest if lengths else None).peak_gib  # fmt: skip
+        lines.insert(-1, f"train.offload_async true: {how}; the layer inputs' copies on a CUDA stream of their own "
+                         f"({best.tokens_per_s:,.0f} tokens/s predicted; {plain:,.0f} on the compute stream), "
+                         f"for {more:.2f} GiB the allocator keeps reserved")  # fmt: skip
+    elif async_pinned and best.config.train.offload_async:
+        lines.insert(-1, "train.offload_async true: pinned; it does nothing here (it needs the checkpointed inputs in host RAM)")
     if fused_lora_applies(best.config):
         # On by default (config.py), never turned off by the search: it costs no memory.
         plain = estimate_speed(shape, _with(best.config, kernels__fused_lora=False), lengths, gpu_name).tokens_per_s

@@ -39,10 +39,11 @@ from .memory import (
     adapted_targets,
     checkpointed_layers,
     mlp_shards,
+    offload_async_applies,
     offloaded_activation_transfer_bytes,
     pad_multiple,
 )
-from .model_shape import ModelShape
+from .model_shape import DOWN_PROJ_LAST, ModelShape
 
 # Dense bf16 tensor throughput (TFLOP/s, no sparsity) by GPU name, from the vendors'
 # data sheets. Used to scale the H200-fitted times to other cards: an estimate there.
@@ -110,8 +111,7 @@ CPU_TERMS = ("layer_pass", "module_pass", "q4_module_pass")
 # OFFLOAD_PCIE_GB_S comes from: ~0 s beyond the other terms for 3.3 GB at the 7B's 8k
 # tokens). In fact, without train.offload_async (opt-in), they are queued on the compute
 # stream, each stalling the kernels after it (offload.InlineCopies): the fitted rate and the
-# norm describe those runs. Copies on a stream of their own ran the 8 GB plan 7.9% and 4.1%
-# faster in two H100 runs (sessions 13 and 14): not credited here.
+# norm describe those runs. Copies on a stream of their own: ASYNC_HIDDEN_S_PER_GB.
 # Without checkpointing the backward waits on every saved tensor's copy back, and the copies
 # add (1.2-1.5 s for 64-81 GB there).
 COPY_TERMS = ("offload_checkpointed",)
@@ -144,6 +144,13 @@ ZERO3_OFFLOAD_S_PER_GB_PASS = 0.033
 # (Qwen, 14,208). A least-squares rate through all six. (The one earlier run, 2.06 GB/s,
 # was transformers 5.17 copying each layer's insides too: docs/benchmarks/fused/.)
 OFFLOAD_PCIE_GB_S = 46.0
+# train.offload_async (offload.StreamCopies): seconds per GB of checkpointed layer inputs
+# copied (out and back) that copies on a CUDA stream of their own take off the micro-batch.
+# Three A/B pairs on H100s, each on one machine: the 8 GB plan (Qwen2.5-7B QLoRA r8 q/v,
+# 16 x 512, 3.29 GB a micro-batch) 48.5 ms and 26 ms less (14.7 and 7.9 ms/GB, sessions 13
+# and 14), the 24 GB guide's r128 all-linear plan (8 x 1536, 4.93 GB) 42 ms less (8.5 ms/GB,
+# session 15, docs/benchmarks/speed-checks/18-lean-recompute). The smallest is credited.
+ASYNC_HIDDEN_S_PER_GB = 0.0079
 # kernels.liger_ops: liger's fused RMSNorm, SwiGLU and RoPE replace several elementwise
 # kernels per layer, the work the per-layer overhead (LAYER_PASS_S) stands for. The share
 # of it left: from one H200 pair (docs/benchmarks/speed/7-8gb-liger-ops/: Qwen2.5-7B QLoRA,
@@ -250,6 +257,18 @@ def fused_lora_applies(cfg: RunConfig) -> bool:
     return fused_lora_mode(cfg) is not None
 
 
+def lean_recompute_params(shape: ModelShape, cfg: RunConfig) -> int:
+    """Weights per decoder layer whose multiply kernels.lean_recompute leaves out of a
+    checkpointed layer's recomputation (fused_lora.mark_unused_outputs): an adapted down_proj
+    where the layer ends in it. 0 where it does not apply (the tiled MLP recomputes its own)."""
+    if not (cfg.kernels.lean_recompute and cfg.train.grad_ckpt and fused_lora_applies(cfg)):
+        return 0
+    if cfg.kernels.tiled_mlp or shape.model_type not in DOWN_PROJ_LAST or "down_proj" not in adapted_targets(shape, cfg):
+        return 0
+    a, b = shape.layer_linears()["down_proj"]
+    return a * b
+
+
 def lora_io_bytes(in_f: int, out_f: int, dropout: bool, mode: str) -> tuple[float, float]:
     """Bytes per token that LoRA's memory-bound kernels move for one adapted linear layer of
     ``in_f`` inputs and ``out_f`` outputs: (one forward pass, the backward). 16-bit
@@ -302,11 +321,13 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
     ckpt = checkpointed_layers(shape, cfg) / shape.layers
     n_matmul = shape.linear_params + shape.vocab * shape.hidden
     q = shape.heads * shape.head_dim
+    # kernels.lean_recompute: a multiply the recomputations leave out (and its dequantization)
+    skipped = ckpt * shape.layers * lean_recompute_params(shape, cfg)
     flops = tokens * (
-        n_matmul * (4 + (2 if full else 0) + 2 * ckpt) + 2 * shape.layers * padded_len * q * (3 + ckpt)
+        n_matmul * (4 + (2 if full else 0) + 2 * ckpt) - 2 * skipped + 2 * shape.layers * padded_len * q * (3 + ckpt)
     )
     passes = 2 + ckpt
-    dequantized = passes * shape.linear_params
+    dequantized = passes * shape.linear_params - skipped
     shards = mlp_shards(shape.hidden, round(padded_len)) if cfg.kernels.tiled_mlp else 1
     if shards > 1:
         # kernels.tiled_mlp recomputes the MLP forward in the backward, and (QLoRA) each of
@@ -396,9 +417,18 @@ def norm_parts(terms: dict) -> tuple:
     return tuple(sum(terms.get(k, 0.0) for k in ks) for ks in (GPU_TERMS, CPU_TERMS, COPY_TERMS))
 
 
+def async_hidden_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float) -> float:
+    """What train.offload_async takes off one micro-batch (ASYNC_HIDDEN_S_PER_GB), where
+    train.py applies it (memory.offload_async_applies: the plans are for a GPU)."""
+    if not offload_async_applies(cfg, "cuda"):
+        return 0.0
+    moved = offloaded_activation_transfer_bytes(shape, cfg, longest=max(1, round(padded_len)), copies=OFFLOAD_SAVED_COPIES_GPU)
+    return ASYNC_HIDDEN_S_PER_GB * 2 * moved / 1e9
+
+
 def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float) -> float:
     """Seconds for one micro-batch (forward + backward) on one GPU."""
-    return combine(micro_step_terms(shape, cfg, padded_len, tflops))
+    return combine(micro_step_terms(shape, cfg, padded_len, tflops)) - async_hidden_seconds(shape, cfg, padded_len)
 
 
 @dataclass(frozen=True)
@@ -438,7 +468,7 @@ def estimate_speed(shape: ModelShape, cfg: RunConfig, lengths: LengthStats | Non
     tflops *= measured_relative(gpu_name)
     padded, real = batch_lengths(cfg, lengths)
     terms = micro_step_terms(shape, cfg, padded, tflops)
-    t = combine(terms)
+    t = combine(terms) - async_hidden_seconds(shape, cfg, padded)
     rate = cfg.train.micro_batch * real / t * cfg.world_size
     gpu, cpu, _ = norm_parts(terms)
     return SpeedEstimate(
