@@ -416,3 +416,27 @@ def test_h100_plans_are_predicted_within_6_percent(run):
     assert measured["device"] == "NVIDIA H100 80GB HBM3" and measured_relative(measured["device"]) < 1
     predicted = estimate_speed(Q7, cfg, LengthStats((1 << 20,)), measured["device"]).tokens_per_s
     assert abs(predicted / measured["steady_tokens_per_s"] - 1) < 0.06, (predicted, measured["steady_tokens_per_s"])
+
+
+def test_auto_fit_takes_async_copies_where_they_pay_and_fit_and_keeps_a_pin():
+    # The 8 GB plan (the 8 GB guide's adapter and batch): the inputs in host RAM, async copies
+    # chosen for their credited gain, with the allocator's reserve inside the budget.
+    full = LengthStats((1 << 20,))
+    guide = {"method": "qlora", "data": {"seq_len": 512}, "train": {"micro_batch": 1, "grad_accum": 32},
+             "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}}  # fmt: skip
+    pinned = {"method", "data.seq_len", "lora.r", "lora.alpha", "lora.target_modules"}
+    c, why = auto_fit(base(**guide), pinned, Q7, 8, "NVIDIA H100 80GB HBM3", full, fused_available=True)
+    assert c.train.offload_activations and c.train.offload_async and c.train.grad_ckpt
+    assert estimate(Q7, c, "bfloat16", "cuda", 512, 512).peak_gib <= 8 * (1 - SAFETY_MARGIN)
+    line = next(x for x in why if x.startswith("train.offload_async true: chosen"))
+    sync = estimate_speed(Q7, c.model_copy(update={"train": c.train.model_copy(update={"offload_async": False})}), full,
+                          "NVIDIA H100 80GB HBM3").tokens_per_s  # fmt: skip
+    assert f"{sync:,.0f} on the compute stream" in line
+    # Pinned off, it stays off; at the longest sequence the 8 GiB card trains, the reserve (ten
+    # layer inputs) does not fit beside it, and the copies stay in order.
+    off = base(**{**guide, "train": {"micro_batch": 1, "grad_accum": 32, "offload_async": False}})
+    c, why = auto_fit(off, pinned | {"train.offload_async"}, Q7, 8, "NVIDIA H100 80GB HBM3", full, fused_available=True)
+    assert c.train.offload_activations and not c.train.offload_async and not any("offload_async" in x for x in why)
+    long = {**guide, "data": {"seq_len": 16384}, "train": {"micro_batch": 1, "grad_accum": 1}}
+    c, _ = auto_fit(base(**long), pinned, Q7, 8, "NVIDIA H100 80GB HBM3", full, fused_available=True)
+    assert c.train.offload_activations and not c.train.offload_async
