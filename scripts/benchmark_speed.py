@@ -881,7 +881,9 @@ def speed_table(records: list[dict]) -> list[dict]:
             r["seed_ref"] = ref["config"]
             if r["tokens_per_s"] and ref["tokens_per_s"]:
                 r["ratio_to_seed"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 3)
-            if r is not ref and r["_losses"]:
+            # Losses compare only over the same schedule: the learning rate's decay spans
+            # train.max_steps, so a 10-step run's step 6 is not a 6-step run's.
+            if r is not ref and r["_losses"] and r["steps"] == ref["steps"]:
                 r.update(loss_agreement(ref["_losses"], r["_losses"]))
                 r["same_method"] = r["method"] == ref["method"]
             if r is not ref and r["_config"] and ref["_config"]:

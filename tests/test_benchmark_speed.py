@@ -255,6 +255,17 @@ def test_each_row_is_compared_with_the_seed_of_its_own_call():
     assert by["seed-made-to-fit"]["tokens_per_s"] == 2000.0
 
 
+def test_losses_are_compared_only_over_the_same_number_of_steps():
+    # The learning rate decays over train.max_steps: a 10-step run's losses drift from a
+    # 6-step seed's by step 4, with nothing wrong in either (session 15's cross-call rows).
+    seed = _record("seed-made-to-fit", "ok", 1000.0, [11.0, 10.2, 9.1, 8.3, 7.2, 6.4])
+    longer = {**_record("vramfit-auto", "ok", 7000.0, [11.0, 10.1, 8.6, 7.2, 5.9, 4.8, 4.1, 3.9], mb=16, ga=2), "_source": "b"}
+    same = {**_record("vramfit-auto-fused", "ok", 7000.0, [11.0, 10.2, 9.1, 8.3, 7.2, 6.41], mb=16, ga=2), "_source": "b"}
+    by = {r["config"]: r for r in bs.speed_table([{**seed, "_source": "a"}, longer, same])}
+    assert "loss_within_noise" not in by["vramfit-auto"] and by["vramfit-auto"]["ratio_to_seed"] == 7.0
+    assert by["vramfit-auto-fused"]["loss_within_noise"] is True
+
+
 # ------------------------------------------------------------------ dry run
 
 
