@@ -212,9 +212,10 @@ class LeanRecompute(TrainerCallback):
         from .fused_lora import lean_checkpointing
         from .offload import outermost_layers
 
-        n = lean_checkpointing(outermost_layers(self.model))
-        if n:
-            self.log(f"checkpointing: the recomputation of {n} decoder layers leaves out down_proj's base multiply (its output is never read)")
+        layers = outermost_layers(self.model)
+        if lean_checkpointing(layers):
+            n = sum(1 for layer in layers if getattr(layer, "gradient_checkpointing", False))
+            self.log(f"checkpointing: the recomputations of {n} checkpointed decoder layers leave out down_proj's base multiply (its output is never read)")
 
 
 class PartialCheckpointing(TrainerCallback):
@@ -668,6 +669,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
                 "plan again with --set kernels.tiled_mlp=false",
             )
         log(f"kernels: the MLP of each of {tiled} decoder layers runs over chunks of the sequence (DeepSpeed TiledMLP)")
+    lean = False
     if cfg.kernels.fused_lora and cfg.uses_adapter:
         from .speed import fused_lora_applies  # the speed model counts it where this installs it
 
@@ -683,8 +685,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
             if fused and cfg.train.grad_ckpt and cfg.kernels.lean_recompute and not cfg.kernels.tiled_mlp:
                 from .fused_lora import mark_unused_outputs
 
-                if mark_unused_outputs(model):  # the speed model counts it where this holds (speed.lean_recompute_params)
-                    callbacks.append(LeanRecompute(model, log))
+                lean = mark_unused_outputs(model) > 0  # the speed model counts it where this holds (speed.lean_recompute_params)
     if cfg.train.grad_ckpt_layers is not None:  # config.py: only with grad_ckpt
         from .offload import outermost_layers
 
@@ -697,6 +698,8 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         n = min(cfg.train.grad_ckpt_layers, len(layers))
         callbacks.append(PartialCheckpointing(layers, n))
         log(f"checkpointing: the first {n} of {len(layers)} decoder layers are recomputed in the backward; the last {len(layers) - n} keep their activations")
+    if lean:  # after PartialCheckpointing: its count is of the layers that still checkpoint
+        callbacks.append(LeanRecompute(model, log))
     if cfg.train.offload_embeddings:
         from .offload import embeddings_on_host
 
