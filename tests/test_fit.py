@@ -440,3 +440,22 @@ def test_auto_fit_takes_async_copies_where_they_pay_and_fit_and_keeps_a_pin():
     long = {**guide, "data": {"seq_len": 16384}, "train": {"micro_batch": 1, "grad_accum": 1}}
     c, _ = auto_fit(base(**long), pinned, Q7, 8, "NVIDIA H100 80GB HBM3", full, fused_available=True)
     assert c.train.offload_activations and not c.train.offload_async
+
+
+def test_lean_recompute_is_explained_where_it_applies():
+    full = LengthStats((1 << 20,))
+    kept = {"method": "lora", "data": {"seq_len": 1536}, "lora": {"r": 128, "dropout": 0.0, "target_modules": "all-linear"}}
+    pinned = {"method", "data.seq_len", "lora.r", "lora.dropout", "lora.target_modules"}
+    c, why = auto_fit(base(**kept), pinned, Q7, 24, "NVIDIA H100 80GB HBM3", full, fused_available=True)
+    line = next(x for x in why if x.startswith("kernels.lean_recompute true: the default"))
+    off = estimate_speed(Q7, c.model_copy(update={"kernels": c.kernels.model_copy(update={"lean_recompute": False})}), full,
+                         "NVIDIA H100 80GB HBM3").tokens_per_s  # fmt: skip
+    assert c.train.grad_ckpt and f"{off:,.0f} without" in line
+    # q/v adapters leave down_proj unadapted: nothing to skip, no line.
+    qv = {**kept, "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}}
+    _, why = auto_fit(base(**qv), pinned, Q7, 24, "NVIDIA H100 80GB HBM3", full, fused_available=True)
+    assert not any("lean_recompute" in x for x in why)
+    # The offload line never quotes a negative PCIe cost (the async credit against the copies' own)
+    c, why = auto_fit(base(**kept), pinned, Q7, 24, "NVIDIA H100 80GB HBM3", full, fused_available=True)
+    line = next(x for x in why if x.startswith("train.offload_activations true"))
+    assert c.train.offload_async and "~-" not in line and "its copies run beside the compute" in line

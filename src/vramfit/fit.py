@@ -20,7 +20,7 @@ from .errors import FitError
 from .kernels import LIGER_MODEL_TYPES
 from .memory import GIB, estimate, offload_async_applies, offloaded_activation_host_bytes
 from .model_shape import ModelShape
-from .speed import LengthStats, estimate_speed, fused_lora_applies
+from .speed import LengthStats, estimate_speed, fused_lora_applies, lean_recompute_params
 
 # Plans stay this far under the budget: the calibrated model's worst under-
 # prediction was 4.9% (docs/memory-model.md), so a plan predicted at 95% of the
@@ -342,6 +342,11 @@ def auto_fit(
         how = "pinned" if "kernels.fused_lora" in pinned else "the default"
         lines.insert(-1, f"kernels.fused_lora true: {how}; LoRA's scaling and adds inside the matrix multiplies "
                          f"({best.tokens_per_s:,.0f} tokens/s predicted; {plain:,.0f} with PEFT's layers as they are)")  # fmt: skip
+    if lean_recompute_params(shape, best.config):
+        plain = estimate_speed(shape, _with(best.config, kernels__lean_recompute=False), lengths, gpu_name).tokens_per_s
+        how = "pinned" if "kernels.lean_recompute" in pinned else "the default"
+        lines.insert(-1, f"kernels.lean_recompute true: {how}; each recomputation leaves out down_proj's base multiply, "
+                         f"whose output the backward never reads ({best.tokens_per_s:,.0f} tokens/s predicted; {plain:,.0f} without)")  # fmt: skip
     return best.config, lines
 
 
@@ -363,10 +368,11 @@ def _offload_line(best, on_gpu, pinned, without: int, top: int, shape, dtype, le
         why = _pays(best, on_gpu, "with them on the GPU")
     else:
         why = f"since without it the longest that fits is seq {without}" if without else "since nothing fits without it"
-    return (
-        f"train.offload_activations true: saved activations in host RAM ({host:.1f} GiB), {why}"
-        + f"; crossing PCIe costs ~{1 - best.tokens_per_s / plain:.0%} of the speed like for like"
-    )
+    cost = 1 - best.tokens_per_s / plain
+    # With train.offload_async the credited overlap (speed.ASYNC_HIDDEN_S_PER_GB, measured
+    # against copies in order) can exceed what the model charges the copies themselves.
+    like = f"crossing PCIe costs ~{cost:.0%} of the speed like for like" if cost > 0.005 else "its copies run beside the compute"
+    return f"train.offload_activations true: saved activations in host RAM ({host:.1f} GiB), {why}; {like}"
 
 
 def _pays(best: Candidate, without: Candidate | None, words: str = "without it") -> str:
