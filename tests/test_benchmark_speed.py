@@ -282,6 +282,18 @@ def test_dry_run_prints_commands_predictions_and_times(tmp_path, capsys):
     assert not work.exists()  # nothing built, nothing written
 
 
+def test_the_no_lean_row_pins_lean_recompute_off(tmp_path, capsys):
+    # The 24 GB method-kept group: the planner's own plan beside the same search with lean
+    # recomputation pinned off (session 15's A/B, in one benchmark call).
+    assert bs.main(["--dry-run", "--only", "24gb-lora-method-kept-dropout0", "--no-lean", "--work", str(tmp_path / "w"),
+                    "--gpu-name", "NVIDIA H100 80GB HBM3"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    block = out.split("24gb-lora-method-kept-dropout0/vramfit-auto-no-lean:")[1]
+    assert "--set kernels.lean_recompute=false" in block.split("\n\n")[0]
+    auto = out.split("24gb-lora-method-kept-dropout0/vramfit-auto:")[1].split("\n\n")[0]
+    assert "kernels.lean_recompute" not in auto and "micro-batch 8 x 2" in auto
+
+
 def test_dry_run_as_a_command_without_a_gpu(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "ctx-llama-3.1-8b-8", "--work", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
