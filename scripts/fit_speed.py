@@ -112,6 +112,14 @@ class Row:
     note: str = ""
     steps: int = 0  # optimizer steps of the run (the steady rate leaves out the first)
 
+    def __post_init__(self) -> None:
+        # Every run fitted here trained PEFT's own LoRA layers, recomputing every multiply
+        # (H200 runs of sessions 3-11): kernels.fused_lora (session 12, on by default since 13)
+        # and kernels.lean_recompute (session 15) did not exist, and a config rebuilt from an
+        # old record would otherwise take their defaults.
+        kernels = self.cfg.kernels.model_copy(update={"fused_lora": False, "lean_recompute": False})
+        self.cfg = self.cfg.model_copy(update={"kernels": kernels})
+
     @property
     def shape(self) -> ModelShape:
         return load_shape(str(ROOT / f"scripts/archs/{self.arch}.json"))

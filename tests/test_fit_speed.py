@@ -64,7 +64,16 @@ def test_the_fit_predicts_what_speed_py_predicts(sets):
     coef = speed.coefficients()
     c = np.array([coef[n] for n in names])
     got = fit_speed.predict_seconds(x, fixed, names, c, fit_speed.CHOSEN)[0]
-    assert got == pytest.approx(speed.micro_step_seconds(shape, cfg, float(cfg.data.seq_len), 989.0), rel=1e-9)
+    assert got == pytest.approx(speed.micro_step_seconds(shape, row.cfg, float(cfg.data.seq_len), 989.0), rel=1e-9)
+
+
+def test_fitted_rows_are_taken_as_run_with_peft_s_layers_and_every_multiply_recomputed():
+    # Every fitted run predates kernels.fused_lora and kernels.lean_recompute, whose defaults
+    # are now on: a config rebuilt from an old record must not take them.
+    cfg = RunConfig.model_validate({"method": "lora", "lora": {"r": 128, "target_modules": "all-linear"}})
+    assert cfg.kernels.fused_lora and cfg.kernels.lean_recompute
+    row = fit_speed.Row("t", "qwen2.5-7b", cfg, None, 1000.0, "NVIDIA H200")
+    assert not row.cfg.kernels.fused_lora and not row.cfg.kernels.lean_recompute
 
 
 def test_config_from_command_resolves_preset_gpus_and_sets():
