@@ -225,7 +225,7 @@ def test_4bit_layers_outside_autocast_keep_peft_s_fp32_adapter_path(qlora_model,
 # ---------------------------------------------------------------- kernels.lean_recompute
 
 
-def _lean_step(model, lean: bool, ids, autocast: bool = False):
+def _lean_step(model, lean: bool, ids, autocast: bool = False, device: str = "cpu"):
     """One checkpointed step with the layers routed (and, with ``lean``, down_proj flagged and
     the recomputation under checkpoint_contexts, as train.py sets it up): (loss, gradients,
     how many recomputations skipped the base multiply)."""
@@ -246,7 +246,7 @@ def _lean_step(model, lean: bool, ids, autocast: bool = False):
         fused_lora._skips_base = fused_lora_skips
     try:
         torch.manual_seed(7)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+        ctx = torch.autocast(device, dtype=torch.bfloat16) if autocast else torch.autocast(device, enabled=False)
         with ctx:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -307,3 +307,21 @@ def test_lean_recompute_flags_nothing_where_the_layer_does_not_end_in_down_proj(
     # a reentrant checkpoint (no early stop to rest on) is left alone
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     assert lean_checkpointing(outermost_layers(model)) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_lean_recompute_keeps_every_gradient():
+    # bf16 weights, fp32 adapters, autocast, dropout on: as the Trainer trains 16-bit LoRA on a GPU.
+    model = tiny_model({**LORA, "lora_dropout": 0.05}).to("cuda", torch.bfloat16)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(3, 262, (2, 64), device="cuda")
+    loss, grads, _ = _lean_step(model, False, ids, autocast=True, device="cuda")
+    loss_l, grads_l, skipped = _lean_step(model, True, ids, autocast=True, device="cuda")
+    assert skipped == model.config.num_hidden_layers and torch.equal(loss_l, loss)
+    for name in grads:
+        torch.testing.assert_close(grads_l[name], grads[name], rtol=1e-6, atol=0, msg=name)
