@@ -283,14 +283,23 @@ def test_lean_recompute_on_4bit_layers_skips_bitsandbytes_call_same_gradients(ql
         torch.testing.assert_close(grads_l[name], grads[name], rtol=0, atol=0, msg=name)
 
 
-def test_lean_recompute_output_that_is_read_fails_loudly_never_a_wrong_gradient():
+def test_lean_recompute_output_that_is_read_fails_loudly_never_a_wrong_gradient(monkeypatch):
     # Without checkpoint's early stop the recomputation runs past down_proj into the residual
-    # add: the meta output must make that an error, not garbage in a gradient.
+    # add. With early stop turned off, the skip stands down; were it taken anyway (forced
+    # here), the meta output must make that an error, not garbage in a gradient.
     from torch.utils.checkpoint import set_checkpoint_early_stop
 
+    from vramfit import fused_lora
+
     model = tiny_model(LORA)
-    with set_checkpoint_early_stop(False), pytest.raises(RuntimeError, match="meta"):
-        _lean_step(model, True, torch.randint(3, 262, (2, 9)))
+    ids = torch.randint(3, 262, (2, 9))
+    loss, grads, _ = _lean_step(model, False, ids)
+    with set_checkpoint_early_stop(False):
+        loss_l, grads_l, skipped = _lean_step(model, True, ids)
+        assert skipped == 0 and loss_l == loss
+        monkeypatch.setattr(fused_lora, "_early_stop", lambda: True)
+        with pytest.raises(RuntimeError, match="meta"):
+            _lean_step(model, True, ids)
 
 
 def test_lean_recompute_flags_nothing_where_the_layer_does_not_end_in_down_proj():

@@ -34,9 +34,9 @@ with its default early stop) ends a recomputation at the last saved tensor, whic
 after the base multiply: PEFT's layers and plain LoraLinearFunction recompute the 7B's largest
 matrix multiply for nothing. ``mark_unused_outputs`` flags those layers; during a
 recomputation (``checkpoint_contexts``, the checkpoint's context_fn, sets a flag) their
-function saves the same tensors and returns an empty *meta* tensor instead of multiplying.
-Were that output ever read (an architecture not as assumed, early stop turned off), the op
-reading it fails on the device mismatch: an error, never a wrong gradient.
+function saves the same tensors and returns an empty *meta* tensor instead of multiplying
+(not while early stop is turned off). Were that output ever read (an architecture not as
+assumed), the op reading it fails on the device mismatch: an error, never a wrong gradient.
 
 Only the plain case is taken over: one active adapter, no DoRA or other variant, no LoRA
 bias, the input in the compute dtype (and, outside autocast, the adapter in it too). Anything
@@ -74,10 +74,18 @@ def checkpoint_contexts():
     return contextlib.nullcontext(), _recomputing()
 
 
+def _early_stop() -> bool:
+    """Whether torch's checkpoint stops a recomputation at its last saved tensor: its default,
+    unless someone turned it off (set_checkpoint_early_stop(False), a global while it lasts)."""
+    from torch.utils import checkpoint
+
+    return getattr(checkpoint, "_enable_checkpoint_early_stop", None) is not False
+
+
 def _skips_base(layer) -> bool:
     """Whether this call may leave the base multiply out: a recomputation, of a layer whose
-    output it never reads."""
-    return getattr(_state, "recomputing", False) and getattr(layer, "_vramfit_output_unused", False)
+    output it never reads, that stops where its saved tensors end."""
+    return getattr(_state, "recomputing", False) and getattr(layer, "_vramfit_output_unused", False) and _early_stop()
 
 
 def _unread(x: torch.Tensor, out_features: int) -> torch.Tensor:
