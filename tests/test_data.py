@@ -406,6 +406,8 @@ def test_collator_pads_right(tok):
     feats = [{"input_ids": [5, 6, 7], "labels": [IGN, 6, 7], "attention_mask": [1, 1, 1]},
              {"input_ids": [8], "labels": [8], "attention_mask": [1]}]
     b = D.Collator(tok)(feats)
+    # the real tokens' count, a Python int (reading it waits for no GPU: data.TOKENS_KEY)
+    assert b.pop(D.TOKENS_KEY) == 4
     assert all(v.dtype == torch.long and v.shape == (2, 3) for v in b.values())
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, tok.pad_token_id, tok.pad_token_id]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

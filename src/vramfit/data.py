@@ -22,8 +22,11 @@ from vramfit.config import DataConfig
 from vramfit.errors import DataError
 
 IGNORE = -100  # the label value HF losses skip
-# With packing, the collator's count of real (non-padding) tokens in a batch: there is
-# no attention_mask to sum. The trainer reads it and drops it before the model's forward.
+# The collator's count of real (non-padding) tokens in a batch, a Python int: the trainer
+# reads it and drops it before the model's forward. An int, not a tensor, because the batch
+# is on the GPU by then and reading a count from it (int(mask.sum())) waits for the GPU to
+# finish all it was given: the previous micro-batch's backward, at every micro-batch. (Packed
+# rows have no attention_mask to count from either.)
 TOKENS_KEY = "vramfit_tokens"
 FORMATS = ("alpaca", "messages", "sharegpt", "text", "prompt_completion")
 # Columns each format needs, in detection order (first match wins).
@@ -555,7 +558,9 @@ class Collator:
             out["input_ids"].append(ids + [self.pad_id] * n)
             out["attention_mask"].append(mask + [0] * n)
             out["labels"].append(labels + [IGNORE] * n)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        batch[TOKENS_KEY] = sum(sum(m) for m in out["attention_mask"])
+        return batch
 
     def _packed(self, features: list[dict], longest: int):
         import torch
@@ -567,5 +572,5 @@ class Collator:
             out["labels"].append([int(x) for x in f["labels"]] + [IGNORE] * n)
             out["position_ids"].append([int(x) for x in f["position_ids"]] + list(range(n)))
         batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
-        batch[TOKENS_KEY] = torch.tensor(sum(len(f["input_ids"]) for f in features))
+        batch[TOKENS_KEY] = sum(len(f["input_ids"]) for f in features)
         return batch

@@ -168,10 +168,10 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
         if shape not in self.seen_shapes:
             self.seen_shapes |= {shape}
             self.new_shape_in_step = True
-        packed = inputs.get(TOKENS_KEY)
+        counted = inputs.get(TOKENS_KEY)  # the collator's count: reading it waits for nothing (data.py)
         mask = inputs.get("attention_mask")
-        if packed is not None:
-            self.tokens_seen += int(packed)
+        if counted is not None:
+            self.tokens_seen += int(counted)
         elif mask is not None:
             self.tokens_seen += int(mask.sum())
         loss = super().training_step(model, inputs, *args, **kwargs)
