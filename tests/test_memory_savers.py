@@ -20,10 +20,12 @@ from vramfit.offload import embeddings_on_host
 from vramfit.plan import build_plan
 
 
-def step(model, ckpt: bool, embeddings: bool = False, tiled: bool = False, ids=None):
+def step(model, ckpt: bool, embeddings: bool = False, tiled: bool = False, ids=None, overlap: bool = False):
     model = copy.deepcopy(model)
     if embeddings:
-        embeddings_on_host(model)
+        embeddings_on_host(model, overlap=overlap)
+        if ids is not None and ids.is_cuda:
+            model.get_input_embeddings().to("cpu")  # the rest of the model stays where it is
     if tiled:
         from vramfit.tiled_mlp import install
 
@@ -46,6 +48,38 @@ def test_embeddings_in_host_ram_train_the_same(ckpt):
     assert grads.keys() == grads_h.keys()
     for name in grads:
         torch.testing.assert_close(grads_h[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_overlapped_lookup_on_a_cpu_run_is_the_plain_one(overlap):
+    # train.offload_embeddings_async takes over only where the ids come from a GPU.
+    model = tiny_model(LORA, tie_word_embeddings=False)
+    ids = torch.randint(3, 262, (2, 37))
+    loss, grads = step(model, True, ids=ids)
+    loss_h, grads_h = step(model, True, embeddings=True, ids=ids, overlap=overlap)
+    assert loss_h == loss
+    for name in grads:
+        torch.testing.assert_close(grads_h[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_overlapped_lookup_gives_the_same_rows_and_gradients():
+    from vramfit import offload
+
+    model = tiny_model(LORA, tie_word_embeddings=False).to("cuda")
+    ids = torch.randint(3, 262, (2, 37), device="cuda")
+    used = []
+    real = offload._OverlappedLookup.rows
+    offload._OverlappedLookup.rows = staticmethod(lambda w, i: used.append(1) or real(w, i))
+    try:
+        loss, grads = step(model, True, embeddings=True, ids=ids)
+        loss_o, grads_o = step(model, True, embeddings=True, ids=ids, overlap=True)
+    finally:
+        offload._OverlappedLookup.rows = staticmethod(real)
+    assert used and loss_o == loss
+    for name in grads:
+        torch.testing.assert_close(grads_o[name], grads[name], rtol=0, atol=0, msg=name)
 
 
 def test_embeddings_in_host_ram_are_moved_back_after_the_model_is():

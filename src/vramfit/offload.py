@@ -273,7 +273,44 @@ def _wrap_checkpointing_call(cls: type) -> None:
     cls.__call__ = call
 
 
-def embeddings_on_host(model: nn.Module):
+class _OverlappedLookup:
+    """train.offload_embeddings_async: the lookup without stalling the GPU.
+
+    The plain path reads the ids back with ``ids.to("cpu")``, a copy on the compute stream:
+    the CPU waits for everything queued before it (at every micro-batch after the first,
+    the previous one's backward), and the GPU then idles through the CPU's gather and the
+    pageable copy of the rows. Here the ids come back on a stream of their own, the rows are
+    gathered straight into pinned memory, and their copy to the GPU is queued on the
+    compute stream without the CPU waiting: the gather runs while the GPU still works.
+
+    Its one assumption: the ids on the GPU are complete when the forward starts. The
+    Trainer's batches reach the GPU by blocking copies (TrainingArguments'
+    accelerator_config ``non_blocking`` off, as vramfit renders it; train.py checks), so
+    they are. Not yet measured on a GPU (opt-in)."""
+
+    def __init__(self) -> None:
+        self.streams: dict = {}
+
+    def ids(self, ids: torch.Tensor) -> torch.Tensor:
+        side = self.streams.get(ids.device)
+        if side is None:
+            side = self.streams[ids.device] = torch.cuda.Stream(ids.device)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        with torch.cuda.stream(side):
+            host.copy_(ids, non_blocking=True)
+        side.synchronize()  # this copy only, not the compute stream's queue
+        return host
+
+    @staticmethod
+    def rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``ids`` (on the CPU) in pinned memory: the same values as
+        F.embedding's gather (a frozen table, no max_norm)."""
+        out = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, pin_memory=True)
+        torch.index_select(weight, 0, ids.reshape(-1), out=out)
+        return out.view(*ids.shape, weight.shape[1])
+
+
+def embeddings_on_host(model: nn.Module, overlap: bool = False):
     """``train.offload_embeddings``: keep the input embedding table in host RAM. Moves it
     there and returns ``place``, which moves it there again (and is a no-op once it is).
 
@@ -289,14 +326,29 @@ def embeddings_on_host(model: nn.Module):
     if any(p.requires_grad for p in emb.parameters()):
         raise ValueError("train.offload_embeddings: the input embeddings are trainable here; only a frozen table can live in host RAM")
     origin: list[torch.device] = []
+    # overlap: train.offload_embeddings_async, where the ids come from a GPU (_OverlappedLookup)
+    lookup = _OverlappedLookup() if overlap and getattr(emb, "max_norm", None) is None else None
 
     def ids_to_table(module, args):
         ids = args[0]
         origin.append(ids.device)  # the rows go back where the ids came from
+        if lookup is not None and ids.is_cuda and module.weight.device.type == "cpu":
+            return (lookup.ids(ids), *args[1:])
         return (ids.to(module.weight.device), *args[1:])
 
+    plain_forward = emb.forward
+
+    def forward(ids, *args, **kwargs):
+        if lookup is not None and origin and origin[-1].type == "cuda" and emb.weight.device.type == "cpu" and not args and not kwargs:
+            return lookup.rows(emb.weight, ids)  # pinned, for rows_back's copy that does not wait
+        return plain_forward(ids, *args, **kwargs)
+
     def rows_back(module, args, output):
-        return output.to(origin.pop())
+        to = origin.pop()
+        return output.to(to, non_blocking=output.is_pinned())
+
+    if lookup is not None:
+        emb.forward = forward
 
     emb.register_forward_pre_hook(ids_to_table)
     # First among the forward hooks: transformers' enable_input_require_grads (registered

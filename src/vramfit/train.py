@@ -703,8 +703,13 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
     if cfg.train.offload_embeddings:
         from .offload import embeddings_on_host
 
-        callbacks.append(EmbeddingsOnHost(embeddings_on_host(model)))
-        log("embeddings: the input embedding table stays in host RAM; lookups run on the CPU")
+        # Its overlapped lookup reads the ids on a side stream: only safe where the batches'
+        # copies to the GPU are blocking, as rendered (offload._OverlappedLookup).
+        overlap = (cfg.train.offload_embeddings_async and doc["device"] == "cuda"
+                   and not getattr(args.accelerator_config, "non_blocking", False))  # fmt: skip
+        callbacks.append(EmbeddingsOnHost(embeddings_on_host(model, overlap=overlap)))
+        how = ", overlapped with the GPU's work (train.offload_embeddings_async)" if overlap else ""
+        log(f"embeddings: the input embedding table stays in host RAM; lookups run on the CPU{how}")
 
     trainer_ref: list = []
     progress = Progress(log, trainer_ref, monitor)
