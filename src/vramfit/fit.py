@@ -336,18 +336,23 @@ def auto_fit(
                          f"for {more:.2f} GiB the allocator keeps reserved")  # fmt: skip
     elif async_pinned and best.config.train.offload_async:
         lines.insert(-1, "train.offload_async true: pinned; it does nothing here (it needs the checkpointed inputs in host RAM)")
+    # On by default (config.py), never turned off by the search: they cost no memory.
     if fused_lora_applies(best.config):
-        # On by default (config.py), never turned off by the search: it costs no memory.
-        plain = estimate_speed(shape, _with(best.config, kernels__fused_lora=False), lengths, gpu_name).tokens_per_s
-        how = "pinned" if "kernels.fused_lora" in pinned else "the default"
-        lines.insert(-1, f"kernels.fused_lora true: {how}; LoRA's scaling and adds inside the matrix multiplies "
-                         f"({best.tokens_per_s:,.0f} tokens/s predicted; {plain:,.0f} with PEFT's layers as they are)")  # fmt: skip
+        lines.insert(-1, _default_line("kernels.fused_lora", "LoRA's scaling and adds inside the matrix multiplies",
+                                       "with PEFT's layers as they are", best, pinned, shape, lengths, gpu_name))  # fmt: skip
     if lean_recompute_params(shape, best.config):
-        plain = estimate_speed(shape, _with(best.config, kernels__lean_recompute=False), lengths, gpu_name).tokens_per_s
-        how = "pinned" if "kernels.lean_recompute" in pinned else "the default"
-        lines.insert(-1, f"kernels.lean_recompute true: {how}; each recomputation leaves out down_proj's base multiply, "
-                         f"whose output the backward never reads ({best.tokens_per_s:,.0f} tokens/s predicted; {plain:,.0f} without)")  # fmt: skip
+        lines.insert(-1, _default_line("kernels.lean_recompute", "each recomputation leaves out down_proj's base multiply, "
+                                       "whose output the backward never reads", "without", best, pinned, shape, lengths, gpu_name))  # fmt: skip
     return best.config, lines
+
+
+def _default_line(key: str, what: str, off_words: str, best: Candidate, pinned, shape, lengths, gpu_name) -> str:
+    """The line for a kernel on by default (``key``, a kernels.* switch) that the plan uses:
+    pinned or the default, and the predicted speed with it and without."""
+    off = _with(best.config, **{key.replace(".", "__"): False})
+    plain = estimate_speed(shape, off, lengths, gpu_name).tokens_per_s
+    how = "pinned" if key in pinned else "the default"
+    return f"{key} true: {how}; {what} ({best.tokens_per_s:,.0f} tokens/s predicted; {plain:,.0f} {off_words})"
 
 
 def _offload_line(best, on_gpu, pinned, without: int, top: int, shape, dtype, lengths, gpu_name) -> str:

@@ -257,13 +257,17 @@ def fused_lora_applies(cfg: RunConfig) -> bool:
     return fused_lora_mode(cfg) is not None
 
 
+def lean_recompute_applies(cfg: RunConfig) -> bool:
+    """What kernels.lean_recompute needs of the config (train.py flags the layers where this
+    holds): checkpointing, the fused LoRA layers, and no tiled MLP (which recomputes its own)."""
+    return cfg.kernels.lean_recompute and cfg.train.grad_ckpt and fused_lora_applies(cfg) and not cfg.kernels.tiled_mlp
+
+
 def lean_recompute_params(shape: ModelShape, cfg: RunConfig) -> int:
     """Weights per decoder layer whose multiply kernels.lean_recompute leaves out of a
     checkpointed layer's recomputation (fused_lora.mark_unused_outputs): an adapted down_proj
-    where the layer ends in it. 0 where it does not apply (the tiled MLP recomputes its own)."""
-    if not (cfg.kernels.lean_recompute and cfg.train.grad_ckpt and fused_lora_applies(cfg)):
-        return 0
-    if cfg.kernels.tiled_mlp or shape.model_type not in DOWN_PROJ_LAST or "down_proj" not in adapted_targets(shape, cfg):
+    where the layer ends in it. 0 where it does not apply."""
+    if not lean_recompute_applies(cfg) or shape.model_type not in DOWN_PROJ_LAST or "down_proj" not in adapted_targets(shape, cfg):
         return 0
     a, b = shape.layer_linears()["down_proj"]
     return a * b
@@ -426,9 +430,13 @@ def async_hidden_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float) -
     return ASYNC_HIDDEN_S_PER_GB * 2 * moved / 1e9
 
 
-def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float) -> float:
-    """Seconds for one micro-batch (forward + backward) on one GPU."""
-    return combine(micro_step_terms(shape, cfg, padded_len, tflops)) - async_hidden_seconds(shape, cfg, padded_len)
+def micro_step_seconds(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: float,
+                       terms: dict[str, float] | None = None) -> float:  # fmt: skip
+    """Seconds for one micro-batch (forward + backward) on one GPU. ``terms``: its
+    micro_step_terms, where the caller has them already."""
+    if terms is None:
+        terms = micro_step_terms(shape, cfg, padded_len, tflops)
+    return combine(terms) - async_hidden_seconds(shape, cfg, padded_len)
 
 
 @dataclass(frozen=True)
@@ -468,7 +476,7 @@ def estimate_speed(shape: ModelShape, cfg: RunConfig, lengths: LengthStats | Non
     tflops *= measured_relative(gpu_name)
     padded, real = batch_lengths(cfg, lengths)
     terms = micro_step_terms(shape, cfg, padded, tflops)
-    t = combine(terms) - async_hidden_seconds(shape, cfg, padded)
+    t = micro_step_seconds(shape, cfg, padded, tflops, terms)
     rate = cfg.train.micro_batch * real / t * cfg.world_size
     gpu, cpu, _ = norm_parts(terms)
     return SpeedEstimate(

@@ -671,7 +671,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         log(f"kernels: the MLP of each of {tiled} decoder layers runs over chunks of the sequence (DeepSpeed TiledMLP)")
     lean = False
     if cfg.kernels.fused_lora and cfg.uses_adapter:
-        from .speed import fused_lora_applies  # the speed model counts it where this installs it
+        from .speed import fused_lora_applies, lean_recompute_applies  # the speed model counts them where these install them
 
         if not fused_lora_applies(cfg):
             # ZeRO-3 gathers a weight only when its module is called; the function reads it directly.
@@ -682,10 +682,10 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
             fused = fuse_lora(model)
             if fused:
                 log(f"kernels: {fused} LoRA layers run as one function each (scaling and adds inside the matrix multiplies)")
-            if fused and cfg.train.grad_ckpt and cfg.kernels.lean_recompute and not cfg.kernels.tiled_mlp:
+            if fused and lean_recompute_applies(cfg):
                 from .fused_lora import mark_unused_outputs
 
-                lean = mark_unused_outputs(model) > 0  # the speed model counts it where this holds (speed.lean_recompute_params)
+                lean = mark_unused_outputs(model) > 0
     if cfg.train.grad_ckpt_layers is not None:  # config.py: only with grad_ckpt
         from .offload import outermost_layers
 
