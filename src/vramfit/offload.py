@@ -325,27 +325,27 @@ def embeddings_on_host(model: nn.Module, overlap: bool = False):
     emb = model.get_input_embeddings()
     if any(p.requires_grad for p in emb.parameters()):
         raise ValueError("train.offload_embeddings: the input embeddings are trainable here; only a frozen table can live in host RAM")
-    origin: list[torch.device] = []
-    # overlap: train.offload_embeddings_async, where the ids come from a GPU (_OverlappedLookup)
+    # Per call: (the device the ids came from, where the rows go back; whether this lookup
+    # is overlapped). overlap: train.offload_embeddings_async, for ids from a GPU.
+    origin: list[tuple[torch.device, bool]] = []
     lookup = _OverlappedLookup() if overlap and getattr(emb, "max_norm", None) is None else None
 
     def ids_to_table(module, args):
         ids = args[0]
-        origin.append(ids.device)  # the rows go back where the ids came from
-        if lookup is not None and ids.is_cuda and module.weight.device.type == "cpu":
-            return (lookup.ids(ids), *args[1:])
-        return (ids.to(module.weight.device), *args[1:])
+        overlapped = lookup is not None and ids.is_cuda and module.weight.device.type == "cpu"
+        origin.append((ids.device, overlapped))
+        return (lookup.ids(ids) if overlapped else ids.to(module.weight.device), *args[1:])
 
     plain_forward = emb.forward
 
     def forward(ids, *args, **kwargs):
-        if lookup is not None and origin and origin[-1].type == "cuda" and emb.weight.device.type == "cpu" and not args and not kwargs:
+        if origin and origin[-1][1] and not args and not kwargs:
             return lookup.rows(emb.weight, ids)  # pinned, for rows_back's copy that does not wait
         return plain_forward(ids, *args, **kwargs)
 
     def rows_back(module, args, output):
-        to = origin.pop()
-        return output.to(to, non_blocking=output.is_pinned())
+        to, overlapped = origin.pop()
+        return output.to(to, non_blocking=overlapped)
 
     if lookup is not None:
         emb.forward = forward
