@@ -110,6 +110,10 @@ def set_args(row: dict, steps: int) -> list[str]:
         sets["lora.dropout"] = row["dropout"]
     if row.get("liger"):
         sets["kernels.liger_ops"] = "true"
+    if row["method"] != "full":
+        # The matrices calibrate PEFT's layers: every row recorded so far ran before
+        # kernels.fused_lora existed, and its backward keeps less (memory.down_input_grad_copies).
+        sets["kernels.fused_lora"] = str(bool(row.get("fused_lora", False))).lower()
     out: list[str] = []
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]

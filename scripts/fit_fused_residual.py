@@ -75,7 +75,12 @@ def _benchmark_runs():
                 continue  # a comparison run kept without its plan
             m = json.loads(metrics.read_text())
             plan = yaml.safe_load((metrics.parent / "plan.yaml").read_text())
-            cfg = RunConfig.model_validate(plan["config"])
+            raw = plan["config"]
+            if "fused_lora" not in raw.get("kernels", {}):
+                # Planned before kernels.fused_lora existed: PEFT's layers ran (its default,
+                # true since, would count a smaller backward: memory.down_input_grad_copies).
+                raw = {**raw, "kernels": {**raw.get("kernels", {}), "fused_lora": False}}
+            cfg = RunConfig.model_validate(raw)
             if not m.get("peak_allocated_gib") or not cfg.kernels.fused_loss or plan["device"] != "cuda":
                 continue
             if cfg.train.offload_activations and not cfg.train.grad_ckpt:

@@ -38,6 +38,7 @@ from .memory import (
     OFFLOAD_SAVED_COPIES_GPU,
     adapted_targets,
     checkpointed_layers,
+    fused_lora_mode,
     mlp_shards,
     offload_async_applies,
     offloaded_activation_transfer_bytes,
@@ -242,15 +243,6 @@ def adapted_modules_per_layer(shape: ModelShape, cfg: RunConfig) -> int:
     """Linear layers per decoder block that PEFT wraps with a LoRA adapter (0 for full
     fine-tuning): each wrapper is a Python module call and a few small kernels per pass."""
     return len(adapted_targets(shape, cfg)) if cfg.uses_adapter else 0
-
-
-def fused_lora_mode(cfg: RunConfig) -> str | None:
-    """How train.py routes the adapted layers with kernels.fused_lora (fused_lora.py): "fused"
-    for 16-bit LoRA (base and adapter in one function), "branch" for QLoRA (the adapter's
-    scaling and add on bitsandbytes' output), None without it or under ZeRO-3."""
-    if not cfg.kernels.fused_lora or not cfg.uses_adapter or cfg.deepspeed.stage == 3:
-        return None
-    return "branch" if cfg.method == "qlora" else "fused"
 
 
 def fused_lora_applies(cfg: RunConfig) -> bool:
