@@ -53,14 +53,21 @@ def plot_max_context(rows: list[dict], out: Path, plt) -> None:
     plt.close(fig)
 
 
+def card(r: dict) -> str:
+    """A short name for the row's GPU: "H200", "H100", or what NVML called it."""
+    name = r.get("gpu") or "?"
+    return next((k for k in ("H200", "H100", "A100") if k in name), name)
+
+
 def plot_speed(rows: list[dict], out: Path, plt) -> None:
     # The latest run of each config, as speed.csv keeps them (the directories are in run order).
-    rows = sorted({(r["group"], r["config"]): r for r in rows}.values(), key=lambda r: (r["group"], r["config"]))
-    fig, ax = plt.subplots(figsize=(9, 4.6))
+    # Per card too: an H100's rows do not replace an H200's (speeds differ by card).
+    rows = sorted({(r.get("gpu"), r["group"], r["config"]): r for r in rows}.values(), key=lambda r: (r["group"], card(r), r["config"]))
+    fig, ax = plt.subplots(figsize=(11, 5.2))
     tps = [r["metrics"]["steady_tokens_per_s"] for r in rows]
     colors = ["tab:blue" if r["config"].startswith("vramfit") else "grey" for r in rows]
     ax.bar(range(len(rows)), tps, color=colors)
-    ax.set_xticks(range(len(rows)), [f"{r['group']}: {r['config']}" for r in rows], fontsize=7, rotation=30, ha="right")
+    ax.set_xticks(range(len(rows)), [f"{r['group']}: {r['config']} ({card(r)})" for r in rows], fontsize=6, rotation=35, ha="right")
     ax.set_ylabel("tokens/s")
     ax.set_title("Qwen2.5-7B: seed guide configs (grey) and vramfit's plan (blue), same cap, data, batch", fontsize=9)
     fig.tight_layout()
@@ -70,8 +77,8 @@ def plot_speed(rows: list[dict], out: Path, plt) -> None:
 
 def plot_breakdown(rows: list[dict], out: Path, plt) -> None:
     # The latest run of each case, as the CSVs keep them.
-    rows = list({(r["group"], r["config"]): r for r in rows}.values())
-    fig, ax = plt.subplots(figsize=(10, 5.2))
+    rows = list({(r.get("gpu"), r["group"], r["config"]): r for r in rows}.values())
+    fig, ax = plt.subplots(figsize=(12, 5.6))
     bottom = [0.0] * len(rows)
     for part in PARTS:
         vals = [(r.get("breakdown_gib") or {}).get(part, 0.0) for r in rows]
@@ -79,7 +86,7 @@ def plot_breakdown(rows: list[dict], out: Path, plt) -> None:
         bottom = [b + v for b, v in zip(bottom, vals)]
     measured = [r["metrics"].get("peak_process_gib") for r in rows]
     ax.scatter(range(len(rows)), measured, color="black", marker="_", s=400, zorder=3, label="measured (NVML)")
-    ax.set_xticks(range(len(rows)), [f"{r['group']}/{r['config']}" for r in rows], fontsize=6, rotation=35, ha="right")
+    ax.set_xticks(range(len(rows)), [f"{r['group']}/{r['config']} ({card(r)})" for r in rows], fontsize=5, rotation=35, ha="right")
     ax.set_ylabel("GiB")
     ax.set_title("Predicted peak breakdown and measured process peak", fontsize=9)
     ax.legend(fontsize=7, ncol=3, loc="upper left")

@@ -42,3 +42,10 @@ def test_writes_the_three_plots(tmp_path):
     assert bp.main([*map(str, DIRS), "--out", str(tmp_path)]) == 0
     for name in ("speed.png", "max-context.png", "breakdown.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rows_are_labelled_with_their_card():
+    assert bp.card({"gpu": "NVIDIA H100 80GB HBM3"}) == "H100"
+    assert bp.card({"gpu": "NVIDIA H200"}) == "H200"
+    assert bp.card({"gpu": "NVIDIA L4"}) == "NVIDIA L4"
+    assert bp.card({}) == "?"
