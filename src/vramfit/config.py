@@ -126,7 +126,8 @@ class TrainConfig(_Section):
     # gather runs while the GPU finishes the previous micro-batch. The plain lookup's copy of
     # the ids waits for the whole queue first, then the GPU idles through the gather (a 7B's
     # 8192 rows took 32 ms on one core of the CPU machine). The same rows, bit for bit.
-    # Opt-in and not in the speed model: not yet measured on a GPU.
+    # Opt-in and not in the speed model: on an H100 the 8 GB plan measured +0.6% to +1.1%
+    # with it, within the runs' spread (docs/benchmarks/speed-checks/19-8gb-step-gaps).
     offload_embeddings_async: bool = False
     seed: int = 42
     logging_steps: PositiveInt = 1
