@@ -761,7 +761,8 @@ def test_async_copies_reserve_is_counted_for_the_plan_it_was_measured_on():
         # Out of sample: 16-bit LoRA r128 all-linear, dropout 0, micro-batch 8 x 2 at 24 GiB,
         # embeddings and layer inputs in host RAM (20.90 GiB). Its reserve beyond the allocated
         # was 1.30 GiB (about 16 layer inputs, not 10), but the allocated it over-predicts by
-        # more, so the whole is on the safe side by 7%.
+        # more, so the whole is on the safe side (by 7% until session 16, 2.9% since it counts
+        # fused LoRA's down_proj gradient as made once).
         "speed/14-dropout0-async-mb8/runs/run-24gb-lora-method-kept-dropout0-vramfit-auto-offload-async",
     ],
 )
@@ -776,3 +777,30 @@ def test_async_copies_plans_measured_since_are_predicted_on_the_safe_side(run):
     measured = json.loads((path / "metrics.json").read_text())["peak_process_gib"]
     peak = estimate(Q7, cfg, "bfloat16", "cuda", shortest=cfg.data.seq_len).peak_gib
     assert measured <= peak <= measured * 1.08, (peak, measured)
+
+
+def test_fused_16bit_lora_runs_are_predicted_within_a_few_percent_over():
+    """Every 16-bit LoRA run with kernels.fused_lora kept in docs/benchmarks (the 24 GB guide's
+    r128 all-linear plans, H100, dropout 0 and 0.05, micro-batch 4 and 8, with and without
+    the layer inputs in host RAM): the model (memory.down_input_grad_copies) puts each at or
+    up to 6% over its measured process peak, where it was up to 9% over."""
+    import yaml
+
+    runs = sorted((ROOT / "docs/benchmarks").rglob("metrics.json"))
+    if not runs:
+        pytest.skip("no docs/ in this install")
+    seen = []
+    for m in runs:
+        if not (m.parent / "plan.yaml").is_file():
+            continue
+        plan = yaml.safe_load((m.parent / "plan.yaml").read_text())
+        raw = plan["config"]
+        if raw.get("method") != "lora" or not raw.get("kernels", {}).get("fused_lora") or plan.get("device") != "cuda":
+            continue
+        cfg = RunConfig.model_validate(raw)
+        assert (plan["shape"]["model_type"], plan["shape"]["hidden"]) == ("qwen2", Q7.hidden)
+        measured = json.loads(m.read_text())["peak_process_gib"]
+        peak = estimate(Q7, cfg, "bfloat16", "cuda", shortest=cfg.data.seq_len).peak_gib
+        seen.append((str(m.parent.relative_to(ROOT)), cfg.lora.dropout, round(peak / measured - 1, 3)))
+        assert measured <= peak <= measured * 1.06, seen[-1]
+    assert len(seen) >= 8 and {d for _, d, _ in seen} == {0.0, 0.05}, seen
