@@ -285,6 +285,10 @@ CASES: list[Case] = [
          model_dir("m", {k: v for k, v in QWEN7B_CONFIG.items() if k != "hidden_size"})),
     Case("model-config-zero-heads", ("plan", "--model", "m"), 2, "config.json lacks a decoder-only field",
          model_dir("m", {**QWEN7B_CONFIG, "num_attention_heads": 0})),
+    # A config.json and no tokenizer files: transformers 5 then builds a tokenizer with no
+    # vocabulary, which turned every example into no tokens (an error about seq_len).
+    Case("model-dir-without-tokenizer", ("plan", "--model", "m", "--preset", "auto", "--budget", "8"), 2,
+         "tokenizer", model_dir("m", QWEN7B_CONFIG)),
     Case("lora-unknown-target", ("plan", "--set", "lora.target_modules=[nope]"), 2, "['nope'] are not linear layers"),
     # --- does not fit this machine (exit 3)
     Case("qlora-on-cpu", ("plan", "--set", "method=qlora"), 3, "qlora needs an NVIDIA GPU"),

@@ -87,6 +87,16 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
             f"cannot load a tokenizer from {ref}: {' '.join(str(e).split())[:200]}",
             "the model directory needs its tokenizer files (tokenizer.json or tokenizer.model)",
         ) from None
+    # transformers 5 builds a tokenizer with no vocabulary from a config.json alone (its
+    # model_type names the class; the vocabulary files are simply missing): every text then
+    # becomes no tokens, and the data step would blame the sequence length instead.
+    if not tok("vramfit checks the tokenizer", add_special_tokens=False)["input_ids"]:
+        from .errors import ModelError
+
+        raise ModelError(
+            f"the tokenizer loaded from {ref} has no vocabulary (it turns text into no tokens)",
+            "the model directory needs its tokenizer files (tokenizer.json or tokenizer.model)",
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
