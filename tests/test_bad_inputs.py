@@ -289,6 +289,11 @@ CASES: list[Case] = [
     # vocabulary, which turned every example into no tokens (an error about seq_len).
     Case("model-dir-without-tokenizer", ("plan", "--model", "m", "--preset", "auto", "--budget", "8"), 2,
          "tokenizer", model_dir("m", QWEN7B_CONFIG)),
+    # The same found by the training process (a fixed preset tokenizes nothing at plan time):
+    # its one error line and its exit code, and the run directory it was given taken back.
+    Case("train-model-dir-without-tokenizer", ("train", "--model", "m", "--preset", "cpu", "--set", "method=lora",
+                                               "--out", "run"), 2, "tokenizer", model_dir("m", QWEN7B_CONFIG),
+         via="proc", absent=("run",)),
     Case("lora-unknown-target", ("plan", "--set", "lora.target_modules=[nope]"), 2, "['nope'] are not linear layers"),
     # --- does not fit this machine (exit 3)
     Case("qlora-on-cpu", ("plan", "--set", "method=qlora"), 3, "qlora needs an NVIDIA GPU"),

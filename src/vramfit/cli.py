@@ -43,7 +43,8 @@ def handled(fn):
         except VramfitError as e:
             if os.environ.get("VRAMFIT_DEBUG"):
                 traceback.print_exc()
-            typer.echo(f"error: {e.one_line()}", err=True)
+            if e.message:  # a Reported error's line is already out
+                typer.echo(f"error: {e.one_line()}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -304,17 +305,17 @@ def _log_size(run_dir: Path) -> int:
     return log.stat().st_size if log.is_file() else 0
 
 
-def _crash_logged(run_dir: Path, since: int) -> bool:
-    """Whether the trainer logged a crash (train.log_crash) in what it wrote after ``since``
-    bytes: an earlier attempt's crash further up the log is not this one."""
-    from .render import CRASH_MARK, TRAIN_LOG
+def _logged(run_dir: Path, since: int, mark: str) -> bool:
+    """Whether the trainer wrote ``mark`` (render.CRASH_MARK, render.BAD_INPUT_MARK) in what
+    it wrote to its log after ``since`` bytes: an earlier attempt's further up is not this one."""
+    from .render import TRAIN_LOG
 
     log = run_dir / TRAIN_LOG
     if not log.is_file():
         return False
     with log.open("rb") as f:
         f.seek(since)
-        return CRASH_MARK.encode() in f.read()
+        return mark.encode() in f.read()
 
 
 def _default_out(plan) -> Path:
@@ -439,9 +440,12 @@ def train(
     """Plan, write the run directory, and train."""
     from .launch import execute
     from .plan import require_fit
-    from .render import METRICS, PLAN_FILE, TRAIN_LOG, plan_differences, read_plan, write_run_dir
+    from .render import (
+        BAD_INPUT_MARK, CHECKPOINTS, CRASH_MARK, METRICS, PLAN_FILE, TRAIN_LOG, plan_differences, read_plan, write_run_dir,
+    )
 
     launch = _launch_overrides(gpus, nodes, node_rank, master_addr, master_port)
+    created = False  # whether this command wrote the run directory
     if resume:
         if out is None:
             raise UsageError("--resume needs --out RUN_DIR", "pass the run directory to continue")
@@ -492,6 +496,7 @@ def train(
             resume, run_dir = True, target
         else:
             run_dir = write_run_dir(p, target)
+            created = True
         _print_plan(p, verbose=False)
         typer.echo(f"run directory: {run_dir}")
         if dry_run:
@@ -513,6 +518,18 @@ def train(
         )
         code = execute(run_dir / "launch.sh", ["--resume"], env=node_env)
 
+    if code == UsageError.exit_code and _logged(run_dir, log_start, BAD_INPUT_MARK):
+        # The trainer found bad input (the tokenizer, the data as tokenized) and said so on its
+        # own error line, with its hint: pass its exit code on, without a second line. A run
+        # directory this command wrote for a run that never saved a step is taken back, as if
+        # the plan had found the problem.
+        if created and not any((run_dir / CHECKPOINTS).glob("checkpoint-*")):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        from .errors import Reported
+
+        raise Reported(code)
     # A launcher of several ranks exits 1 when its ranks exit 75: the trainer's note says why.
     if code == Preempted.exit_code or (code != 0 and (run_dir / "preempted.json").is_file()):
         saved = any((run_dir / "checkpoints").glob("checkpoint-*"))
@@ -525,7 +542,7 @@ def train(
     if code != 0:
         from .errors import TrainingFailed
 
-        where = f", whose traceback is also in {run_dir / TRAIN_LOG}" if _crash_logged(run_dir, log_start) else ""
+        where = f", whose traceback is also in {run_dir / TRAIN_LOG}" if _logged(run_dir, log_start, CRASH_MARK) else ""
         raise TrainingFailed(
             f"training exited with code {code}; the run directory {run_dir} is kept",
             f"fix the cause above{where}, then `vramfit train --resume --out {run_dir}` continues from the last checkpoint",

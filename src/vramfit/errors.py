@@ -71,3 +71,12 @@ class RunLocked(VramfitError):
     """Another training process holds the run directory."""
 
     exit_code = 6
+
+
+class Reported(VramfitError):
+    """A failure the training process has already reported on its own error line, with its
+    hint: the CLI passes its exit code on and prints nothing more."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__("")
+        self.exit_code = exit_code

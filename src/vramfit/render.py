@@ -32,6 +32,9 @@ TRAIN_LOG = "train.log"  # progress lines, and a crash's traceback (train.log_cr
 # The line train.py writes into RUN_DIR/train.log above the traceback of a crash; the CLI
 # looks for it to say where the traceback is kept.
 CRASH_MARK = "crash: training stopped on an unexpected error"
+# The line it writes there before a bad-input error it found (a UsageError: the tokenizer,
+# the data as tokenized), so that the CLI passes that error's exit code on as it is.
+BAD_INPUT_MARK = "bad input: training stopped on an error in what it was given"
 
 
 def training_args(plan: Plan) -> dict[str, Any]:

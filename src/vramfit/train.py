@@ -35,13 +35,13 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints  # noqa: E402
 
 from .config import RunConfig
-from .errors import Preempted, RunLocked, VramfitError
+from .errors import Preempted, RunLocked, UsageError, VramfitError
 from .gpu_memory import MemoryMonitor, apply_budget
 from .model_source import load_tokenizer, resolve_model_dir
 from .preempt import PreemptionCallback
 from .quiet import quiet_libraries
 from .data import TOKENS_KEY
-from .render import ADAPTER, CHECKPOINTS, CRASH_MARK, METRICS, TRAIN_LOG, read_plan, write_text_atomic
+from .render import ADAPTER, BAD_INPUT_MARK, CHECKPOINTS, CRASH_MARK, METRICS, TRAIN_LOG, read_plan, write_text_atomic
 
 GIB = 1 << 30
 
@@ -831,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("VRAMFIT_DEBUG"):
             raise
         print(f"error: {e.one_line()}", file=sys.stderr)
+        if isinstance(e, UsageError):
+            _append_log(a.run_dir, f"{BAD_INPUT_MARK}\nerror: {e.one_line()}\n")
         if isinstance(e, Preempted) and e.every_rank:
             # A stop every rank agreed on (not a signal before training, which only the
             # signalled rank sees): they leave together, as a finished run does. Without it a
@@ -868,7 +870,11 @@ def log_crash(run_dir: Path) -> None:
 
     rank = os.environ.get("RANK")
     head = CRASH_MARK + (f" (rank {rank})" if rank is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1 else "")
-    text = head + "\n" + traceback.format_exc()
+    _append_log(run_dir, head + "\n" + traceback.format_exc())
+
+
+def _append_log(run_dir: Path, text: str) -> None:
+    """One append to RUN_DIR/train.log; never raises (the error being reported comes first)."""
     try:
         fd = os.open(run_dir / TRAIN_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
