@@ -88,6 +88,18 @@ class Job:
     started: float = 0.0
 
 
+# Kernel switches added since the oldest recorded runs, as those runs had them: PEFT's own LoRA
+# layers (kernels.fused_lora: session 12, on by default since 13), recomputing every multiply
+# (kernels.lean_recompute: session 15). A recorded config without the key ran so; the default,
+# true since, would model it as fused and lean (memory.down_input_grad_copies, speed.py).
+KERNELS_BEFORE = {"fused_lora": False, "lean_recompute": False}
+
+
+def as_recorded(config: dict) -> dict:
+    """A recorded plan.yaml config as its run behaved: the KERNELS_BEFORE switches it lacks, off."""
+    return {**config, "kernels": {**KERNELS_BEFORE, **config.get("kernels", {})}}
+
+
 def set_args(row: dict, steps: int) -> list[str]:
     sets = {
         "method": row["method"],
@@ -113,7 +125,7 @@ def set_args(row: dict, steps: int) -> list[str]:
     if row["method"] != "full":
         # The matrices calibrate PEFT's layers: every row recorded so far ran before
         # kernels.fused_lora existed, and its backward keeps less (memory.down_input_grad_copies).
-        sets["kernels.fused_lora"] = str(bool(row.get("fused_lora", False))).lower()
+        sets["kernels.fused_lora"] = str(bool(row.get("fused_lora", KERNELS_BEFORE["fused_lora"]))).lower()
     out: list[str] = []
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]

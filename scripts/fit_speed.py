@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from calibrate_memory import config_from_command, model_of  # noqa: E402
+from calibrate_memory import KERNELS_BEFORE, config_from_command, model_of  # noqa: E402
 from vramfit import speed  # noqa: E402
 from vramfit.config import RunConfig  # noqa: E402
 from vramfit.model_shape import ModelShape, load_shape  # noqa: E402
@@ -113,11 +113,9 @@ class Row:
     steps: int = 0  # optimizer steps of the run (the steady rate leaves out the first)
 
     def __post_init__(self) -> None:
-        # Every run fitted here trained PEFT's own LoRA layers, recomputing every multiply
-        # (H200 runs of sessions 3-11): kernels.fused_lora (session 12, on by default since 13)
-        # and kernels.lean_recompute (session 15) did not exist, and a config rebuilt from an
-        # old record would otherwise take their defaults.
-        kernels = self.cfg.kernels.model_copy(update={"fused_lora": False, "lean_recompute": False})
+        # Every run fitted here predates both switches (H200 runs of sessions 3-11): a config
+        # rebuilt from its command would otherwise take their defaults.
+        kernels = self.cfg.kernels.model_copy(update=KERNELS_BEFORE)
         self.cfg = self.cfg.model_copy(update={"kernels": kernels})
 
     @property
