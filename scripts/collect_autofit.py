@@ -97,6 +97,7 @@ def fused(r: dict) -> bool:
 def predict_now(r: dict, planned, lengths) -> tuple[float, float]:
     """This checkout's memory and speed models for the run as it trained; ``planned`` is
     plan_now's configuration for it."""
+    from calibrate_memory import as_recorded
     from vramfit.config import RunConfig
     from vramfit.memory import estimate
     from vramfit.model_shape import load_shape
@@ -105,9 +106,10 @@ def predict_now(r: dict, planned, lengths) -> tuple[float, float]:
     c = r["config"]
     if r.get("planned_config"):
         # Recorded whole since session 7. A key the run's checkout did not have yet takes
-        # the behaviour it had then: data.pad_to_multiple_of (64 by default since session 7).
+        # the behaviour it had then: data.pad_to_multiple_of (64 by default since session 7),
+        # the kernel switches of calibrate_memory.KERNELS_BEFORE.
         doc = {**r["planned_config"], "data": {"pad_to_multiple_of": None, **r["planned_config"].get("data", {})}}
-        cfg = RunConfig.model_validate(doc)
+        cfg = RunConfig.model_validate(as_recorded(doc))
     elif _same_choices(planned, r):
         # The plan itself, savers included (embeddings or activations in host RAM, the tiled
         # MLP), which the recorded choices do not name; liger's ops as the run had them.
