@@ -61,6 +61,11 @@ def training_args(plan: Plan) -> dict[str, Any]:
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if t.grad_ckpt else None,
         "logging_steps": t.logging_steps,
         "logging_first_step": True,
+        # The filter's check (isnan(loss) or isinf(loss)) reads the loss on the CPU after every
+        # micro-batch: the CPU waits for the GPU's whole queue, then the GPU idles while the
+        # CPU prepares the next micro-batch. It only swaps a NaN in the *logged* loss for the
+        # average so far; off, a diverged run logs nan, which is what it is.
+        "logging_nan_inf_filter": False,
         "save_strategy": "steps",
         "save_steps": t.save_steps,
         "save_total_limit": t.save_total_limit,
