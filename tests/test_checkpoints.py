@@ -236,3 +236,19 @@ def test_logging_a_crash_never_raises(tmp_path):
         raise ValueError("x")
     except ValueError:
         train.log_crash(tmp_path / "no-such-dir")  # the OSError is swallowed: the ValueError is the one to see
+
+
+def test_flops_count_is_the_trainers_own_counted_once(tmp_path, monkeypatch):
+    """TokenCountingTrainer caches the parameter count the Trainer's per-micro-batch FLOPs
+    estimate walks the model for: the same total_flos, one walk."""
+    import torch
+    from transformers import Trainer
+
+    trainer = tiny_trainer(tmp_path, 1)
+    inputs = {"input_ids": torch.zeros(4, 8, dtype=torch.long)}
+    expected = Trainer.floating_point_ops(trainer, inputs)
+    walks = []
+    real = type(trainer.model).num_parameters
+    monkeypatch.setattr(type(trainer.model), "num_parameters", lambda self, **kw: walks.append(kw) or real(self, **kw))
+    assert [trainer.floating_point_ops(inputs) for _ in range(3)] == [expected] * 3
+    assert walks == [{"exclude_embeddings": True}]
