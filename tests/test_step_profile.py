@@ -155,3 +155,38 @@ def test_gpu_gaps_on_a_cuda_trace():
     assert any(k.op == "aten::mm" for k in kernels), [(k.name[:40], k.op) for k in kernels[:8]]
     g = gpu_gaps(kernels)
     assert g["idle_s_per_step"] > 0.004 and g["busy_s_per_step"] > 0
+
+
+def test_sync_sites_counts_each_wait_by_where_it_was_called(monkeypatch):
+    """On a GPU, torch's sync debug mode warns at every synchronizing call; SyncSites keys
+    each by its Python stack and lets every other warning through. Here the warnings are
+    issued by hand (a CPU has no sync debug mode)."""
+    import warnings
+
+    import torch
+
+    from vramfit.step_profile import SyncSites
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def read_loss():
+        warnings.warn("called a synchronizing CUDA operation")
+
+    def time_step():
+        warnings.warn("called a synchronizing CUDA operation")
+
+    with warnings.catch_warnings(record=True) as other:
+        warnings.simplefilter("always")
+        with SyncSites() as sites:
+            for _ in range(4):
+                read_loss()
+            time_step()
+            warnings.warn("something else")
+    assert modes == ["warn", "default"]
+    counts = sites.per_step(2)
+    assert len(counts) == 2
+    (first, n1), (second, n2) = counts.items()
+    assert "read_loss" in first.split(" < ")[0] and n1 == 2.0
+    assert "time_step" in second.split(" < ")[0] and n2 == 0.5
+    assert [str(w.message) for w in other] == ["something else"]

@@ -6,7 +6,9 @@ pay one-off costs; counted from where a resumed run starts) and FILE gets: each 
 time, the CPU time of the training thread's operators against the GPU's kernel time (a step
 whose GPU time is well below its wall time waits on the CPU), where the busiest CUDA stream
 stood idle between kernels and which operator's kernel ended each wait (gpu_gaps), and the
-operators with the most self CPU and self GPU time.
+operators with the most self CPU and self GPU time. On a GPU also where the CPU waited for the
+GPU (syncs_per_step: torch's sync debug mode, each warning's Python stack): after each wait
+the GPU's queue is empty and it idles until the CPU has queued the next kernels.
 """
 
 from __future__ import annotations
@@ -120,6 +122,54 @@ def _is_operator(e) -> bool:
     return not e.name().startswith("cu")
 
 
+class SyncSites:
+    """Counts the CPU's waits on the GPU by where they were called from, while entered.
+
+    torch.cuda.set_sync_debug_mode("warn") makes every synchronizing CUDA call (``.item()``,
+    a copy to pageable memory, ``torch.cuda.synchronize()``, ...) issue a warning from the
+    Python line that made it; the warning hook reads the stack there. Only the innermost
+    frames are kept: the line itself and its callers, enough to tell a library's read of a
+    loss from our own step timing."""
+
+    FRAMES = 3
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = defaultdict(int)
+        self._catch = None
+
+    def __enter__(self):
+        import warnings
+
+        import torch
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return shown(message, category, filename, lineno, file, line)
+            import traceback
+
+            skip = {__file__, warnings.__file__}
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename not in skip]
+            self.counts[" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-self.FRAMES :]))] += 1
+
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(*exc)
+
+    def per_step(self, steps: int, top: int = 15) -> dict[str, float]:
+        return {site: round(n / steps, 2) for site, n in sorted(self.counts.items(), key=lambda x: -x[1])[:top]}
+
+
 class StepProfiler(TrainerCallback):
     """``untimed``: called during each step the measured rate should leave out (train.py's
     steady rate): the profiled steps (the profiler's overhead) and the one after them, in
@@ -131,6 +181,7 @@ class StepProfiler(TrainerCallback):
         self.cuda = cuda
         self.untimed = untimed or (lambda: None)
         self.prof = None
+        self.syncs: SyncSites | None = None
         self.marks: list[float] = []
         self.start: int | None = None  # the step this process began training at
         self.wrote = False  # the trace was written at the end of the step before this one
@@ -147,6 +198,8 @@ class StepProfiler(TrainerCallback):
                 torch.cuda.synchronize()
             self.prof = profile(activities=acts)
             self.prof.__enter__()
+            if self.cuda:
+                self.syncs = SyncSites().__enter__()
             self.marks = [time.perf_counter()]
         if self.marks or self.wrote:
             self.untimed()
@@ -161,7 +214,7 @@ class StepProfiler(TrainerCallback):
             torch.cuda.synchronize()
         self.marks.append(time.perf_counter())
         if len(self.marks) == STEPS + 1:
-            self.prof.__exit__(None, None, None)
+            self._stop()
             self.write()
             self.marks = []
             self.wrote = True
@@ -169,10 +222,15 @@ class StepProfiler(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         # A run that ended inside the window: stop recording, and write the steps it had.
         if self.prof is not None and self.marks:
-            self.prof.__exit__(None, None, None)
+            self._stop()
             if len(self.marks) > 1:
                 self.write()
             self.marks = []
+
+    def _stop(self) -> None:
+        if self.syncs is not None:
+            self.syncs.__exit__(None, None, None)
+        self.prof.__exit__(None, None, None)
 
     def write(self) -> None:
         events = self.prof.key_averages()
@@ -201,8 +259,13 @@ class StepProfiler(TrainerCallback):
                 summary["gpu_gaps"] = gpu_gaps(trace_kernels(self.prof), len(steps))
             except Exception as e:  # a diagnostic: never lose the tables over it
                 summary["gpu_gaps"] = {"error": f"{type(e).__name__}: {e}"}
-        by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=40)
-        by_gpu = events.table(sort_by=gpu_attr, row_limit=30) if self.cuda else ""
+            if self.syncs is not None:
+                # Our own step timing's synchronize (train.Progress, and this profiler's) is
+                # among them: one per step, where the step's work has been queued already.
+                summary["syncs_per_step"] = self.syncs.per_step(len(steps))
+        # Kernel names are long (GEMM variants, Triton kernels): wide enough to tell apart.
+        by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+        by_gpu = events.table(sort_by=gpu_attr, row_limit=40, max_name_column_width=120) if self.cuda else ""
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n\n# by self CPU time\n" + by_cpu + "\n\n# by self GPU time\n" + by_gpu + "\n")
         tmp.replace(self.path)
