@@ -100,7 +100,7 @@ def test_launch_flags_layer_as_flag_and_render_into_launch_sh(work, no_gpu):
     assert doc["world_size"] == 8
     # The script accelerate gets: 8 processes over 2 machines, this one rank 1 by default.
     args = launch_args(work / "run", work)
-    assert args[:2] == ["-m", "accelerate.commands.launch"]
+    assert args[:2] == ["-m", "vramfit.launcher"]
     assert opt(args, "--num_processes") == "8" and opt(args, "--num_machines") == "2"
     assert opt(args, "--main_process_ip") == "10.0.0.7" and opt(args, "--main_process_port") == "6001"
     assert opt(args, "--machine_rank") == "1"
@@ -419,8 +419,8 @@ def test_sigterm_under_a_launcher_goes_to_the_ranks_not_the_launcher(tmp_path):
 
     (tmp_path / "launcher.py").write_text(FAKE_LAUNCHER)
     script = tmp_path / "launch.sh"
-    # The marker execute() looks for: launch.sh runs accelerate's launcher.
-    script.write_text(f"# python -m accelerate.commands.launch\nexec {sys.executable} {tmp_path / 'launcher.py'} {tmp_path}\n")
+    # The marker execute() looks for: launch.sh runs the launcher (vramfit.launcher).
+    script.write_text(f"# python -m vramfit.launcher ...\nexec {sys.executable} {tmp_path / 'launcher.py'} {tmp_path}\n")
     driver = f"import sys; from vramfit.launch import execute; sys.exit(execute(__import__('pathlib').Path({str(script)!r})))"
     proc = subprocess.Popen([sys.executable, "-c", driver])
     deadline = time.time() + 30

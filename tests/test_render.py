@@ -319,7 +319,7 @@ def test_launch_sh_user_cpu_threads_win(tmp_path, no_gpu_facts):
 def test_launch_sh_multi_gpu(tmp_path, no_gpu_facts):
     run_dir, _ = render(tmp_path, "multi-gpu", no_gpu_facts, ["launch.gpus=4"])
     text = (run_dir / "launch.sh").read_text()
-    assert "-m accelerate.commands.launch" in text
+    assert "-m vramfit.launcher" in text
     assert "--num_processes 4 " in text
     assert "--num_machines 1 " in text
     assert "--module vramfit.train" in text
@@ -330,7 +330,7 @@ def test_launch_sh_multi_gpu(tmp_path, no_gpu_facts):
 def test_launch_sh_deepspeed_single_gpu_uses_launcher(tmp_path, no_gpu_facts):
     run_dir, _ = render(tmp_path, "zero3-offload", no_gpu_facts)
     text = (run_dir / "launch.sh").read_text()
-    assert "-m accelerate.commands.launch" in text and "--num_processes 1 " in text
+    assert "-m vramfit.launcher" in text and "--num_processes 1 " in text
 
 
 def test_launch_sh_multi_node(tmp_path, no_gpu_facts):
@@ -366,7 +366,7 @@ def test_launch_sh_runs_with_args_and_node_rank(tmp_path, no_gpu_facts):
     )
     assert out.returncode == 0, out.stderr
     args = [line[4:] for line in out.stdout.splitlines() if line.startswith("ARG ")]
-    assert args[:2] == ["-m", "accelerate.commands.launch"]
+    assert args[:2] == ["-m", "vramfit.launcher"]
     assert args[args.index("--machine_rank") + 1] == "1"
     assert args[args.index("--num_processes") + 1] == "4"
     assert args[-3:] == ["vramfit.train", str(run_dir), "--resume"]
@@ -414,7 +414,7 @@ def test_build_command_multi_node():
     assert needs_launcher(cfg)
     cmd = build_command(cfg, run_dir="/r", python="/py")
     a = cmd.argv
-    assert a[:3] == ["/py", "-m", "accelerate.commands.launch"]
+    assert a[:3] == ["/py", "-m", "vramfit.launcher"]
     opts = dict(zip(a[3:-3:2], a[4:-3:2]))
     assert opts == {
         "--num_processes": "24",
@@ -433,7 +433,7 @@ def test_build_command_multi_node():
 def test_build_command_deepspeed_single_gpu():
     cfg = RunConfig.model_validate({"deepspeed": {"stage": 2}})
     cmd = build_command(cfg, run_dir="/r", python="/py")
-    assert cmd.argv[2] == "accelerate.commands.launch"
+    assert cmd.argv[2] == "vramfit.launcher"
     assert cmd.argv[cmd.argv.index("--num_processes") + 1] == "1"
 
 

@@ -23,6 +23,7 @@ class Command:
 
 
 SHUTDOWN_TIMEOUT_S = 600
+LAUNCHER = "vramfit.launcher"
 
 
 def needs_launcher(cfg: RunConfig) -> bool:
@@ -42,8 +43,10 @@ def build_command(cfg: RunConfig, run_dir: str = "$RUN_DIR", python: str = "$PYT
     # scheduler's own deadline be the one that counts (torch 2.13 reads this; 2.11, on our GPU machine, does not, and
     # keeps 30 s: docs/reliability.md).
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    # accelerate launch, through vramfit.launcher: a failed rank's exit code comes out as is
+    # (2 bad input, 75 preempted), not as exit 1 under the elastic agent's traceback.
     argv = [
-        python, "-m", "accelerate.commands.launch",
+        python, "-m", LAUNCHER,
         "--num_processes", str(cfg.world_size),
         "--num_machines", str(la.nodes),
         "--machine_rank", "${NODE_RANK:-%d}" % la.node_rank if python == "$PYTHON" else str(la.node_rank),
@@ -138,7 +141,8 @@ def execute(script: Path, extra_args: list[str] | None = None, env: dict[str, st
     TORCH_ELASTIC_SHUTDOWN_TIMEOUT from 2.13), which a large checkpoint save outlasts. The ranks save and exit 75,
     and the launcher then exits on its own.
     """
-    launcher = "accelerate.commands.launch" in Path(script).read_text()
+    text = Path(script).read_text()
+    launcher = f"-m {LAUNCHER} " in text or "accelerate.commands.launch" in text  # (the latter: run dirs written before)
     proc = subprocess.Popen(["bash", str(script), *(extra_args or [])], env={**os.environ, **(env or {})})
 
     def forward(signum, _frame):

@@ -842,9 +842,12 @@ def main(argv: list[str] | None = None) -> int:
     except VramfitError as e:
         if os.environ.get("VRAMFIT_DEBUG"):
             raise
-        print(f"error: {e.one_line()}", file=sys.stderr)
         if isinstance(e, UsageError):
             _append_log(a.run_dir, f"{BAD_INPUT_MARK}\nerror: {e.one_line()}\n")
+        if not (isinstance(e, UsageError) and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            # Bad input is every rank's (the same files, config and packages): under a
+            # launcher vramfit.launcher prints the line once, from train.log, not each rank.
+            print(f"error: {e.one_line()}", file=sys.stderr)
         if isinstance(e, Preempted) and e.every_rank:
             # A stop every rank agreed on (not a signal before training, which only the
             # signalled rank sees): they leave together, as a finished run does. Without it a
