@@ -415,6 +415,27 @@ def test_collator_pads_right(tok):
     assert D.Collator(tok, pad_to_multiple_of=8)(feats)["input_ids"].shape == (2, 8)
 
 
+def test_collator_gives_no_mask_where_nothing_is_padded_and_the_model_computes_the_same(tok):
+    """An all-ones mask is left out: transformers would read it back from the GPU to decide
+    to ignore it (a wait at every forward). Without it the model computes the same logits."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vramfit.embedded import tiny_config
+
+    feats = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "attention_mask": [1, 1, 1]},
+             {"input_ids": [8, 9, 10], "labels": [IGN, 9, 10], "attention_mask": [1, 1, 1]}]  # fmt: skip
+    b = D.Collator(tok)(feats)
+    assert "attention_mask" not in b and b[D.TOKENS_KEY] == 6
+    assert "attention_mask" in D.Collator(tok, pad_to_multiple_of=4, max_len=8)(feats)  # padded to 4: masked
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_config())).eval()
+    with torch.no_grad():
+        plain = model(input_ids=b["input_ids"]).logits
+        masked = model(input_ids=b["input_ids"], attention_mask=torch.ones_like(b["input_ids"])).logits
+    torch.testing.assert_close(plain, masked, rtol=0, atol=0)
+
+
 def test_collator_falls_back_to_eos_without_pad():
     class NoPad:
         pad_token_id = None

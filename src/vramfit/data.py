@@ -558,8 +558,14 @@ class Collator:
             out["input_ids"].append(ids + [self.pad_id] * n)
             out["attention_mask"].append(mask + [0] * n)
             out["labels"].append(labels + [IGNORE] * n)
+        tokens = sum(sum(m) for m in out["attention_mask"])
+        if tokens == len(features) * longest:
+            # Nothing to mask: no mask. transformers would check an all-ones mask on the GPU
+            # (masking_utils' padding_mask.all(), to hand SDPA none): a read that makes the CPU
+            # wait for the GPU's whole queue at the start of every micro-batch's forward.
+            del out["attention_mask"]
         batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
-        batch[TOKENS_KEY] = sum(sum(m) for m in out["attention_mask"])
+        batch[TOKENS_KEY] = tokens
         return batch
 
     def _packed(self, features: list[dict], longest: int):
