@@ -190,3 +190,30 @@ def test_sync_sites_counts_each_wait_by_where_it_was_called(monkeypatch):
     assert "read_loss" in first.split(" < ")[0] and n1 == 2.0
     assert "time_step" in second.split(" < ")[0] and n2 == 0.5
     assert [str(w.message) for w in other] == ["something else"]
+
+
+def test_waits_are_counted_in_the_step_after_the_window_and_added_to_the_summary(tmp_path, monkeypatch):
+    """The sync debug mode slows what it watches: StepProfiler turns it on only for the step
+    after the profiled ones (untimed already) and adds what it counted to the written summary.
+    On a CPU the mode is stood in for (the counting itself: the test above)."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    out = tmp_path / "profile.txt"
+    prof = StepProfiler(str(out), cuda=True)
+    monkeypatch.setattr("vramfit.step_profile.gpu_gaps", lambda *a, **k: {})
+    for step in range(FIRST + STEPS + 2):
+        prof.on_step_begin(None, types.SimpleNamespace(global_step=step), None)
+        assert bool(modes) == (step >= FIRST + STEPS)  # never inside the window
+        if prof.syncs is not None:
+            warnings.warn("called a synchronizing CUDA operation")
+        prof.on_step_end(None, types.SimpleNamespace(global_step=step + 1), None)
+    assert modes == ["warn", "default"]  # one step only
+    text = out.read_text()
+    summary = json.loads(text[: text.index("\n\n#")])
+    assert summary["steps_profiled"] == STEPS
+    (site, n), = summary["syncs_per_step"].items()
+    assert "test_waits_are_counted" in site and n == 1.0
+    assert "# by self CPU time" in text and not list(tmp_path.glob("*.tmp"))
