@@ -1,0 +1,48 @@
+# Session 17, second device call, one machine. The 8 GB group (Qwen2.5-7B QLoRA r8 q/v, seq 512,
+# effective batch 32, 8 GiB cap) once the all-ones attention mask is left out (data.Collator:
+# transformers read it back from the GPU at every forward, the wait the first call's sync
+# listing found at the start of each micro-batch). In order of need, each step's results
+# saved before the next (device time was short):
+#   1. the benchmark's planner's plan (this code; the seed made to fit is left out for device
+#      time: the first call ran it, ../20-8gb-syncs/);
+#   2. the same command with the code of the first call (.old/src, commit 61bb2aa);
+#   3. the same command with train.offload_embeddings_async;
+#   4. VRAMFIT_PROFILE of the planner's plan (its waits counted in the step after the window).
+# Run from the project root with .whl and .old carried:
+#   bash docs/benchmarks/speed/21-8gb-no-mask-sync/run.sh
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
+export PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+NEW=/tmp/site:$PWD/src OLD=/tmp/site:$PWD/.old/src
+export PYTHONPATH=$NEW
+(nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv; lscpu | grep -i "model name"; nproc) > $OUT/host.txt 2>&1
+cat $OUT/host.txt
+timeout 160 python3 scripts/benchmark_speed.py --only 8gb-qlora --steps 8 --skip vramfit-auto-fused \
+  --skip seed-as-written-uncapped --skip seed-as-written --skip seed-made-to-fit \
+  --results /tmp/bench --archive $OUT/bench.tar.gz > $OUT/benchmark.log 2>&1
+grep -E "^(==|  ->)" $OUT/benchmark.log | cut -c1-120
+for r in /tmp/bench/runs/*; do echo "$(basename $r): $(grep -o '"steady_tokens_per_s": [0-9.]*' $r/metrics.json)"; done
+M=/tmp/vramfit-bench
+CMD="train --preset auto --budget 8 --model $M/qwen2.5-7b --data $M/long.jsonl --set data.seq_len=512 --set lora.r=8 --set lora.alpha=16 --set lora.target_modules=[q_proj,v_proj] --set train.micro_batch=16 --set train.grad_accum=2 --set train.save_steps=1000 --set train.logging_steps=1"
+mkdir -p /tmp/ab
+for v in before embed-async; do
+  [ $SECONDS -gt 330 ] && break
+  X="--set train.max_steps=10"; P=$NEW
+  [ $v = before ] && P=$OLD
+  [ $v = embed-async ] && X="$X --set train.offload_embeddings_async=true"
+  rm -rf /tmp/run-$v
+  PYTHONPATH=$P timeout 65 python3 -m vramfit $CMD $X --out /tmp/run-$v > /tmp/ab/$v.log 2>&1
+  echo "$v: $(grep -E '^(done|prediction)' /tmp/ab/$v.log | cut -c1-120 | tr '\n' ' ')"
+  for f in metrics.json train.log; do cp /tmp/run-$v/$f /tmp/ab/$v-$f 2>/dev/null; done
+  tar czf $OUT/ab.tar.gz -C /tmp ab
+done
+LEFT=$((420 - SECONDS))
+if [ $LEFT -gt 90 ]; then
+  rm -rf /tmp/run-prof
+  VRAMFIT_PROFILE=$OUT/profile-8gb.txt timeout $LEFT python3 -m vramfit $CMD --set train.max_steps=8 \
+    --out /tmp/run-prof > $OUT/profile-train.log 2>&1
+  tail -2 $OUT/profile-train.log | cut -c1-160
+  grep -A12 syncs_per_step $OUT/profile-8gb.txt | cut -c1-200
+else
+  echo "no time left for the profile ($LEFT s)"
+fi
