@@ -201,8 +201,9 @@ def autofit_rows(path: Path) -> list[Row]:
         m, c = r["metrics"], r["config"]
         if r["exit"] != 0 or not m.get("steady_tokens_per_s"):
             continue
-        # As collect_autofit.predict_now rebuilds it: what prove_autofit's plan trained
-        # (the rest of the config is the defaults, as --preset auto left it).
+        # What prove_autofit's plan trained, from its recorded choices (the rest is today's
+        # defaults; collect_autofit.predict_now also restores the savers and kernels of the
+        # time). These rows are left out of the fit (excluded below) either way.
         cfg = RunConfig.model_validate({
             "method": r["plan"]["method"], "data": {"seq_len": c["seq_len"]},
             "lora": {"r": c.get("lora_r", 16), "alpha": 2 * c.get("lora_r", 16)},
