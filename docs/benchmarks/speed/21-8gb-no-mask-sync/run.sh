@@ -8,6 +8,7 @@
 #   2. the same command with the code of the first call (.old/src, commit 61bb2aa);
 #   3. the same command with train.offload_embeddings_async;
 #   4. VRAMFIT_PROFILE of the planner's plan (its waits counted in the step after the window).
+# .old (git-ignored) is made first: mkdir .old && git archive 61bb2aa src | tar -x -C .old
 # Run from the project root with .whl and .old carried:
 #   bash docs/benchmarks/speed/21-8gb-no-mask-sync/run.sh
 set -u
