@@ -100,3 +100,37 @@ def test_ranks_log_bad_input_and_print_it_only_alone(monkeypatch, tmp_path, caps
     logged = launcher.bad_input_line(tmp_path / "train.log")
     assert logged == "error: the data has no rows (hint: point --data at a file with examples)"
     assert printed == ([] if world == "2" else [logged])
+
+
+def test_two_cpu_ranks_through_the_real_agent_stop_on_bad_input_with_one_line(tmp_path):
+    """The real path: accelerate's launcher and torch's elastic agent start two ranks (on a
+    CPU, accelerate needs --multi_gpu to use the agent at all; launch.sh leaves that to it on
+    GPUs). Both meet the same bad input (a model directory without a tokenizer): one line,
+    exit 2, no traceback and no agent log line."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from vramfit.embedded import tiny_config
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(tiny_config()))
+    run_dir = tmp_path / "run"
+    plan = subprocess.run([sys.executable, "-m", "vramfit", "plan", "--model", str(model), "--set", "launch.gpus=2", "--out", str(run_dir)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert plan.returncode == 0, plan.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "vramfit.launcher", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--module", "vramfit.train", str(run_dir)]  # fmt: skip
+    p = subprocess.run(argv, env=subprocess_env() | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.strip() and not x.startswith(("*", "Setting OMP_NUM_THREADS"))]
+    assert len(lines) == 1 and lines[0].startswith("error: the tokenizer loaded from"), p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert (run_dir / "train.log").read_text().count("error: the tokenizer loaded from") == 2  # each rank logged it

@@ -49,12 +49,25 @@ def bad_input_line(log: Path) -> str | None:
     return line if mark and line.startswith("error: ") else None
 
 
+class _NoFailureLines:
+    """Drops the elastic agent's own log records about a failure: "failed (exitcode: N)
+    local_rank: ..." (main() prints the one line that matters) and "Sending process N closing
+    signal SIGTERM" (the agent stopping the other ranks after it)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return not str(record.msg).startswith(("failed (exitcode", "Sending process"))
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from .oom import OOM_EXIT
 
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_NoFailureLines())
     args = launch_command_parser().parse_args(argv)
     try:
         launch_command(args)

@@ -20,8 +20,10 @@ def quiet_libraries(device: str) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
-    # bitsandbytes warns on CPU-only machines about optional CPU kernels.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes warns on CPU-only machines about optional CPU kernels, and offline the
+    # kernels hub it fetches them with warns that it cannot check their publisher.
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
     import transformers
 

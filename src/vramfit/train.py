@@ -26,9 +26,11 @@ if __name__ == "__main__":
     for _sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(_sig, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
 
-# Before transformers imports bitsandbytes, whose CPU build warns about optional kernels.
+# Before transformers imports bitsandbytes, whose CPU build warns about optional kernels
+# (and, offline, the kernels hub it fetches them with: "Skipping publisher trust check").
 if not os.environ.get("VRAMFIT_DEBUG"):
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for _name in ("bitsandbytes", "kernels"):
+        logging.getLogger(_name).setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
