@@ -23,7 +23,7 @@ def failed(*ranks: tuple[int, int, int]):
     return ChildFailedError("vramfit.train", failures)
 
 
-def run(monkeypatch, tmp_path, error, log: str | None = None) -> int:
+def run(monkeypatch, tmp_path, error, log: str | None = None, processes: int = 2) -> int:
     import accelerate.commands.launch as accel
 
     def launch(args):
@@ -34,7 +34,7 @@ def run(monkeypatch, tmp_path, error, log: str | None = None) -> int:
     monkeypatch.setattr(accel, "launch_command", launch)
     if log is not None:
         (tmp_path / "train.log").write_text(log)
-    return launcher.main(["--num_processes", "2", "--module", "vramfit.train", str(tmp_path)])
+    return launcher.main(["--num_processes", str(processes), "--module", "vramfit.train", str(tmp_path)])
 
 
 def test_success_is_0(monkeypatch, tmp_path, capsys):
@@ -47,6 +47,13 @@ def test_bad_input_is_exit_2_and_the_logged_line_once(monkeypatch, tmp_path, cap
     log = f"step 0\n{BAD_INPUT_MARK}\n{line}\n{BAD_INPUT_MARK}\n{line}\n"  # both ranks logged it
     assert run(monkeypatch, tmp_path, failed((0, 2, 5), (1, 2, 5)), log) == 2
     assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_one_process_under_the_launcher_printed_its_own_bad_input(monkeypatch, tmp_path, capsys):
+    # DeepSpeed on one GPU goes through the launcher with one rank, which prints its line itself.
+    log = f"{BAD_INPUT_MARK}\nerror: bad\n"
+    assert run(monkeypatch, tmp_path, failed((0, 2, 5)), log, processes=1) == 2
+    assert capsys.readouterr().err == ""
 
 
 def test_bad_input_without_its_log_line_still_says_which_rank(monkeypatch, tmp_path, capsys):

@@ -74,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as e:
         rank, code = first_failure(e)
         if code == UsageError.exit_code:
-            # The ranks logged their bad-input line instead of each printing it (train.main).
-            line = bad_input_line(Path(args.training_script_args[0]) / TRAIN_LOG) if args.training_script_args else None
-            print(line or f"error: rank {rank} stopped on bad input", file=sys.stderr)
+            # Ranks of a run of several logged their bad-input line instead of each printing it
+            # (train.main); one process alone (DeepSpeed on one GPU) printed its own.
+            if (args.num_processes or 1) > 1:
+                line = bad_input_line(Path(args.training_script_args[0]) / TRAIN_LOG) if args.training_script_args else None
+                print(line or f"error: rank {rank} stopped on bad input", file=sys.stderr)
         elif code not in (*SELF_EXPLAINED, OOM_EXIT):
             sign = f" (signal {signal.Signals(code - 128).name})" if code > 128 and code - 128 in signal.valid_signals() else ""
             print(f"launcher: rank {rank} failed first, with exit code {code}{sign}; its output is above", file=sys.stderr)
