@@ -272,7 +272,7 @@ CASES: list[Case] = [
     Case("set-unknown-key", ("plan", "--set", "train.learning_rate=0.1"), 2, "unknown config key 'train.learning_rate'"),
     Case("set-section-as-value", ("plan", "--set", "lora=8"), 2, "'lora' (from --set) must be a mapping"),
     # --- --out
-    Case("out-is-existing-file", ("plan", "--out", "taken"), 2, "already holds files", w("taken", "my notes\n")),
+    Case("out-is-existing-file", ("plan", "--out", "taken"), 2, "is a file, not a run directory", w("taken", "my notes\n")),
     Case("out-is-nonempty-dir", ("train", "--dry-run", "--out", "mine"), 2, "already holds files",
          w("mine/keep.txt", "keep me\n")),
     Case("out-unwritable", ("plan", "--out", "locked/run"), 2, "choose a writable --out directory", unwritable_parent),

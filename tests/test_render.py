@@ -464,7 +464,7 @@ def test_refuses_existing_non_empty_dir(tmp_path, no_gpu_facts):
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
     f = tmp_path / "afile"
     f.write_text("x")
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="is a file, not a run directory"):
         write_run_dir(plan, f)
     assert f.read_text() == "x"
     assert tmp_siblings(other) == []

@@ -165,7 +165,9 @@ def resolve_path(ref: str | None) -> str | None:
 
 
 def check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a run directory", "pass --out NEW_DIR, a directory that does not exist yet")
+    if out.exists() and any(out.iterdir()):
         what = "a run" if (out / PLAN_FILE).exists() else "files"
         raise UsageError(
             f"{out} already holds {what}",
