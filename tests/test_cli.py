@@ -492,3 +492,28 @@ def test_plan_auto_with_a_budget_plans_for_that_card_without_a_gpu_here(work):
     assert not (work / "t").exists()
     # Without --budget there is no card to plan for.
     assert_clean_error(invoke("plan", "--preset", "auto", "--out", work / "n"), 3, "no NVIDIA GPU was found")
+
+
+@pytest.mark.parametrize("argv, needle, where", [
+    (["merge"], "Missing argument 'run_dir'", "vramfit merge -h"),
+    (["plan", "--gpu-name", "x"], "No such option: --gpu-name", "vramfit plan -h"),
+    (["plan", "--budget", "abc"], "Invalid value for '--budget'", "vramfit plan -h"),
+    (["nosuch"], "No such command 'nosuch'", "vramfit -h"),
+])  # fmt: skip
+def test_parser_errors_are_one_line_exit_2(capsys, argv, needle, where):
+    """Typer's own usage errors (its framed box of several lines) come out as one line."""
+    from vramfit.cli import main
+
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.splitlines() == [f"error: {out.err.split('error: ', 1)[1].strip()}"]
+    assert needle in out.err and f"(hint: `{where}` lists the options)" in out.err
+
+
+def test_bare_command_prints_its_help_and_exits_2(capsys):
+    from vramfit.cli import main
+
+    assert main([]) == 2
+    assert "Commands" in capsys.readouterr().out
+    assert main(["presets", "show", "8gb"]) == 0  # and a good command still runs

@@ -651,8 +651,36 @@ def merge(
     )
 
 
-def main() -> None:
-    app(prog_name="vramfit")
+def _click_errors() -> tuple[type, type, type | None]:
+    """(UsageError, ClickException, NoArgsIsHelpError) of the click typer parses with: its own
+    copy from typer 0.2x (typer._click), click itself before. Found from typer's public
+    BadParameter, which derives from both."""
+    mro = typer.BadParameter.__mro__
+    usage = next(c for c in mro if c.__name__ == "UsageError")
+    base = next(c for c in mro if c.__name__ == "ClickException")
+    return usage, base, getattr(sys.modules[usage.__module__], "NoArgsIsHelpError", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script. Typer's own usage errors (an unknown option, a missing argument)
+    are a framed box of several lines; here they are one line like every other error, exit 2."""
+    usage, base, no_args = _click_errors()
+    try:
+        rv = app(args=argv, prog_name="vramfit", standalone_mode=False)
+    except usage as e:
+        if no_args is not None and isinstance(e, no_args):  # bare `vramfit`: its help, exit 2 as before
+            e.show()
+            return e.exit_code
+        where = e.ctx.command_path if e.ctx else "vramfit"
+        typer.echo(f"error: {' '.join(e.format_message().split())} (hint: `{where} -h` lists the options)", err=True)
+        return 2
+    except base as e:
+        typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        return e.exit_code
+    except typer.Abort:  # Ctrl-C while typer itself parses
+        typer.echo("interrupted", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":
