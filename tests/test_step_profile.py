@@ -192,6 +192,7 @@ def test_sync_sites_counts_each_wait_by_where_it_was_called(monkeypatch):
     assert [str(w.message) for w in other] == ["something else"]
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the profiler, told cuda=True on a CPU
 def test_waits_are_counted_in_the_step_after_the_window_and_added_to_the_summary(tmp_path, monkeypatch):
     """The sync debug mode slows what it watches: StepProfiler turns it on only for the step
     after the profiled ones (untimed already) and adds what it counted to the written summary.
