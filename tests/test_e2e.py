@@ -315,3 +315,22 @@ def test_lean_recompute_through_the_cli_trains_the_same_adapter(tmp_path):
                 "--set", "train.grad_ckpt_layers=2", "--out", "two", cwd=tmp_path)  # fmt: skip
     assert p.returncode == 0, show(p)
     assert "the recomputations of 2 checkpointed decoder layers" in (tmp_path / "two" / "train.log").read_text()
+
+
+def test_a_diverged_run_says_so_and_writes_valid_json(tmp_path):
+    """With the Trainer's NaN filter off (render.py) a diverged loss is logged as it is, not
+    replaced by the average so far: train.log says when it diverged, `vramfit train` warns on
+    its way out, and metrics.json stays strict JSON (null losses, and their count)."""
+    p = vramfit("train", "--set", "train.lr=1e6", "--set", "train.max_steps=5", "--set", "train.logging_steps=1",
+                "--out", "run", cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 0, show(p)
+    assert "-> nan, " in p.stdout, show(p)
+    warnings = [x for x in p.stderr.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 1 and "the run diverged" in warnings[0] and "train.lr" in warnings[0], show(p)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}"))
+
+    m = strict((tmp_path / "run" / "metrics.json").read_text())
+    assert m["final_loss"] is None and m["nonfinite_losses"] >= 1 and m["first_loss"] > 0
+    assert sum(line.startswith("diverged: loss nan at step") for line in (tmp_path / "run" / "train.log").read_text().splitlines()) == 1

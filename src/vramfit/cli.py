@@ -550,10 +550,19 @@ def train(
     metrics = run_dir / METRICS
     if metrics.is_file():
         m = json.loads(metrics.read_text())
+        final = m.get("final_loss")
+        if final is None and m.get("nonfinite_losses"):
+            final = "nan"  # metrics.json holds null: JSON has no NaN
         typer.echo(
-            f"done: {m.get('steps')} steps, loss {m.get('first_loss')} -> {m.get('final_loss')}, "
+            f"done: {m.get('steps')} steps, loss {m.get('first_loss')} -> {final}, "
             f"{m.get('tokens_per_s', 0):,.0f} tokens/s"
         )
+        if m.get("nonfinite_losses"):
+            typer.echo(
+                f"warning: {m['nonfinite_losses']} logged steps had a loss of nan or inf: the run diverged "
+                f"(see {run_dir / TRAIN_LOG}); lower train.lr or check the data, and train again",
+                err=True,
+            )
         _report_prediction(m)
     typer.echo(f"next: vramfit merge {run_dir}")
 

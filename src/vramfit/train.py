@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -313,11 +314,20 @@ class Progress(TrainerCallback):
         rate = (tokens - self.last_tokens) / max(now - self.last_t, 1e-9)
         self.last_t, self.last_tokens = now, tokens
         self.losses.append(float(logs["loss"]))
+        if not math.isfinite(self.losses[-1]) and all(math.isfinite(x) for x in self.losses[:-1]):
+            self.log(f"diverged: loss {self.losses[-1]} at step {state.global_step} (lower train.lr, or check the data)")
         mem = self.monitor.line()
         self.log(
             f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
             f"lr {logs.get('learning_rate', 0):.2e} | {rate:,.0f} tok/s" + (f" | {mem}" if mem else "")
         )
+
+
+def finite_loss(x: float) -> float | None:
+    """A loss for metrics.json, or None where it is nan or inf: JSON has no NaN, and the
+    Trainer's filter that once hid them from the log is off (render.py); metrics.json's
+    nonfinite_losses counts them instead."""
+    return round(x, 4) if math.isfinite(x) else None
 
 
 def _torch_dtype(name: str):
@@ -787,9 +797,10 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
 
     metrics = {
         "steps": trainer.state.global_step,
-        "first_loss": round(progress.losses[0], 4) if progress.losses else None,
-        "final_loss": round(progress.losses[-1], 4) if progress.losses else None,
-        "train_loss": round(result.training_loss, 4),
+        "first_loss": finite_loss(progress.losses[0]) if progress.losses else None,
+        "final_loss": finite_loss(progress.losses[-1]) if progress.losses else None,
+        "train_loss": finite_loss(result.training_loss),
+        "nonfinite_losses": sum(not math.isfinite(x) for x in progress.losses),
         "tokens": trainer.tokens_seen * int(os.environ.get("WORLD_SIZE", 1)),
         "train_seconds": round(seconds, 2),
         "tokens_per_s": round(trainer.tokens_seen * int(os.environ.get("WORLD_SIZE", 1)) / max(seconds, 1e-9), 1),
