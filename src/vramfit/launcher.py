@@ -19,11 +19,6 @@ from pathlib import Path
 from .errors import Preempted, UsageError
 from .render import BAD_INPUT_MARK, TRAIN_LOG
 
-# Exit codes whose ranks said everything on their own lines (train.main), besides bad input,
-# whose line is printed here: preempted, and an out-of-memory the CLI retries with a
-# smaller micro-batch (oom.py).
-SELF_EXPLAINED = (UsageError.exit_code, Preempted.exit_code)
-
 
 def exit_code(code: int) -> int:
     """A rank's exit code as a shell reports it: killed by signal N (negative in Python's
@@ -79,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             if (args.num_processes or 1) > 1:
                 line = bad_input_line(Path(args.training_script_args[0]) / TRAIN_LOG) if args.training_script_args else None
                 print(line or f"error: rank {rank} stopped on bad input", file=sys.stderr)
-        elif code not in (*SELF_EXPLAINED, OOM_EXIT):
+        elif code not in (Preempted.exit_code, OOM_EXIT):
+            # Preempted and out of memory (which the CLI retries, oom.py) need no line here:
+            # the ranks said everything on theirs (train.main). Anything else: which rank.
             sign = f" (signal {signal.Signals(code - 128).name})" if code > 128 and code - 128 in signal.valid_signals() else ""
             print(f"launcher: rank {rank} failed first, with exit code {code}{sign}; its output is above", file=sys.stderr)
         return code or 1

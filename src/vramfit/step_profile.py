@@ -220,7 +220,7 @@ class StepProfiler(TrainerCallback):
             torch.cuda.synchronize()
         self.marks.append(time.perf_counter())
         if len(self.marks) == STEPS + 1:
-            self._stop()
+            self.prof.__exit__(None, None, None)
             self.write()
             self.marks = []
             self.wrote = True
@@ -229,13 +229,10 @@ class StepProfiler(TrainerCallback):
         self._write_syncs()  # a run that ended in the step after the window
         # A run that ended inside the window: stop recording, and write the steps it had.
         if self.prof is not None and self.marks:
-            self._stop()
+            self.prof.__exit__(None, None, None)
             if len(self.marks) > 1:
                 self.write()
             self.marks = []
-
-    def _stop(self) -> None:
-        self.prof.__exit__(None, None, None)
 
     def _write_syncs(self) -> None:
         """Ends the step the waits were counted in and adds them to the summary."""
@@ -248,9 +245,9 @@ class StepProfiler(TrainerCallback):
         self._save()
 
     def _save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.summary, indent=2) + "\n\n" + self.tables + "\n")
-        tmp.replace(self.path)
+        from .render import write_text_atomic
+
+        write_text_atomic(self.path, json.dumps(self.summary, indent=2) + "\n\n" + self.tables + "\n")
 
     def write(self) -> None:
         events = self.prof.key_averages()

@@ -855,9 +855,10 @@ def main(argv: list[str] | None = None) -> int:
     except VramfitError as e:
         if os.environ.get("VRAMFIT_DEBUG"):
             raise
-        if isinstance(e, UsageError):
+        bad_input = isinstance(e, UsageError)
+        if bad_input:
             _append_log(a.run_dir, f"{BAD_INPUT_MARK}\nerror: {e.one_line()}\n")
-        if not (isinstance(e, UsageError) and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        if not (bad_input and int(os.environ.get("WORLD_SIZE", "1")) > 1):
             # Bad input is every rank's (the same files, config and packages): under a
             # launcher vramfit.launcher prints the line once, from train.log, not each rank.
             print(f"error: {e.one_line()}", file=sys.stderr)
