@@ -101,9 +101,8 @@ def fused(r: dict) -> bool:
     return bool(r["config"].get("fused_loss", any(x.startswith("kernels.fused_loss true") for x in r["plan"].get("auto_fit", []))))
 
 
-def predict_now(r: dict, planned, lengths) -> tuple[float, float]:
-    """This checkout's memory and speed models for the run as it trained; ``planned`` is
-    plan_now's configuration for it."""
+def predict_now(r: dict, lengths) -> tuple[float, float]:
+    """This checkout's memory and speed models for the run as it trained."""
     from calibrate_memory import as_recorded
     from vramfit.config import RunConfig
     from vramfit.memory import estimate
@@ -138,7 +137,7 @@ def table(raw: Path, fit_rows: int = SPEED_FIT_ROWS) -> list[dict]:
     for i, line in enumerate(raw.read_text().splitlines()):
         r = json.loads(line)
         planned = plan_now(r, lengths)  # one auto-fit search per run: it is the slow part
-        now_peak, now_rate = predict_now(r, planned, lengths)
+        now_peak, now_rate = predict_now(r, lengths)
         m, c, p = r["metrics"], r["config"], r["plan"]
         meas, pred = m.get("peak_process_gib"), p.get("predicted_peak_gib")
         rate, prate = m.get("steady_tokens_per_s"), p.get("predicted_tokens_per_s")
