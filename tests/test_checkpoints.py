@@ -252,3 +252,42 @@ def test_flops_count_is_the_trainers_own_counted_once(tmp_path, monkeypatch):
     monkeypatch.setattr(type(trainer.model), "num_parameters", lambda self, **kw: walks.append(kw) or real(self, **kw))
     assert [trainer.floating_point_ops(inputs) for _ in range(3)] == [expected] * 3
     assert walks == [{"exclude_embeddings": True}]
+
+
+def test_the_collators_cpu_ids_reach_the_embedding_lookup_and_nothing_else(tmp_path):
+    """train.offload_embeddings_async: the collator's CPU ids ride the batch past the GPU
+    copy (data.OnHost), the trainer hands them to the lookup for that forward only, and the
+    model never sees them as an input."""
+    import torch
+    from accelerate.utils import send_to_device
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from vramfit.data import HOST_IDS_KEY, Collator, OnHost
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 0
+
+    rows = [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}]
+    batch = Collator(Tok(), host_ids=True)(rows)
+    assert isinstance(batch[HOST_IDS_KEY], OnHost) and batch[HOST_IDS_KEY].tensor is batch["input_ids"]
+    assert HOST_IDS_KEY not in Collator(Tok())(rows)
+    # What the DataLoader's pinning and Accelerate's copy to the device do to it: nothing.
+    assert pin_memory({HOST_IDS_KEY: batch[HOST_IDS_KEY]})[HOST_IDS_KEY] is batch[HOST_IDS_KEY]
+    assert send_to_device(batch, "meta")[HOST_IDS_KEY] is batch[HOST_IDS_KEY]
+
+    class Recorder:
+        def __init__(self):
+            self.pending, self.calls = None, []
+
+        def expect(self, ids):
+            self.pending = ids
+            self.calls.append(ids)
+
+    trainer = tiny_trainer(tmp_path, 1)
+    trainer.host_embeddings = seen = Recorder()
+    during = []
+    trainer.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: during.append(seen.pending))
+    trainer.compute_loss(trainer.model, batch)  # the model would refuse an unknown keyword
+    assert during == [batch["input_ids"]] and seen.calls == [batch["input_ids"], None]
+    trainer.host_embeddings = None
+    trainer.compute_loss(trainer.model, batch)  # without offloaded embeddings it is only dropped

@@ -20,10 +20,11 @@ from vramfit.offload import embeddings_on_host
 from vramfit.plan import build_plan
 
 
-def step(model, ckpt: bool, embeddings: bool = False, tiled: bool = False, ids=None, overlap: bool = False):
+def step(model, ckpt: bool, embeddings: bool = False, tiled: bool = False, ids=None, overlap: bool = False, host_ids=None):
     model = copy.deepcopy(model)
     if embeddings:
-        embeddings_on_host(model, overlap=overlap)
+        host = embeddings_on_host(model, overlap=overlap)
+        host.expect(host_ids)  # the collator's CPU copy of the ids (train.py hands it over)
         if ids is not None and ids.is_cuda:
             model.get_input_embeddings().to("cpu")  # the rest of the model stays where it is
     if tiled:
@@ -79,20 +80,23 @@ def test_overlapped_lookups_gather_split_over_threads_is_index_select(rows):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("shape", [(2, 37), (4, 600)])  # the second splits the gather over threads
-def test_cuda_overlapped_lookup_gives_the_same_rows_and_gradients(shape):
+@pytest.mark.parametrize("host_ids", [False, True])  # the collator's CPU ids, or read back on a side stream
+def test_cuda_overlapped_lookup_gives_the_same_rows_and_gradients(shape, host_ids):
     from vramfit import offload
 
     model = tiny_model(LORA, tie_word_embeddings=False).to("cuda")
     ids = torch.randint(3, 262, shape, device="cuda")
-    used = []
-    real = offload._OverlappedLookup.rows
+    used, read_back = [], []
+    real, real_ids = offload._OverlappedLookup.rows, offload._OverlappedLookup.ids
     offload._OverlappedLookup.rows = lambda self, w, i: used.append(1) or real(self, w, i)
+    offload._OverlappedLookup.ids = lambda self, i: read_back.append(1) or real_ids(self, i)
     try:
         loss, grads = step(model, True, embeddings=True, ids=ids)
-        loss_o, grads_o = step(model, True, embeddings=True, ids=ids, overlap=True)
+        loss_o, grads_o = step(model, True, embeddings=True, ids=ids, overlap=True, host_ids=ids.cpu() if host_ids else None)
     finally:
-        offload._OverlappedLookup.rows = real
+        offload._OverlappedLookup.rows, offload._OverlappedLookup.ids = real, real_ids
     assert used and loss_o == loss
+    assert bool(read_back) != host_ids  # with the CPU ids nothing is read back from the GPU
     for name in grads:
         torch.testing.assert_close(grads_o[name], grads[name], rtol=0, atol=0, msg=name)
 
@@ -101,7 +105,7 @@ def test_embeddings_in_host_ram_are_moved_back_after_the_model_is():
     """Accelerate's prepare moves a non-quantized model to its device whole: place() undoes it
     for the table alone, and the lookup's rows go back to the device the ids came from."""
     model = tiny_model(LORA, tie_word_embeddings=False)
-    place = embeddings_on_host(model)
+    place = embeddings_on_host(model).place
     emb = model.get_input_embeddings()
     assert emb.weight.device.type == "cpu"
     seen = []

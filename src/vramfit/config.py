@@ -121,13 +121,14 @@ class TrainConfig(_Section):
     # eighth of an 8 GB card. Adapter methods on one GPU without DeepSpeed only (offload.py).
     offload_embeddings: bool = False
     # With offload_embeddings on a GPU: look the rows up without stalling the GPU
-    # (offload._OverlappedLookup): the ids come back on a CUDA stream of their own, the rows
-    # are gathered into pinned memory and copied without the CPU waiting, so the CPU's
-    # gather runs while the GPU finishes the previous micro-batch. The plain lookup's copy of
-    # the ids waits for the whole queue first, then the GPU idles through the gather (a 7B's
-    # 8192 rows took 32 ms on one core of the CPU machine). The same rows, bit for bit.
-    # Opt-in and not in the speed model: on an H100 the 8 GB plan measured +0.6% to +1.1%
-    # with it, within the runs' spread (docs/benchmarks/speed-checks/19-8gb-step-gaps).
+    # (offload._OverlappedLookup): the ids are the collator's CPU copy (never read back from
+    # the GPU), the rows are gathered into pinned memory on a few threads and copied without
+    # the CPU waiting, so the gather runs while the GPU finishes the previous micro-batch.
+    # The plain lookup's copy of the ids waits for the whole queue first, then the GPU idles
+    # through the gather (a 7B's 8192 rows took 32 ms on one core of the CPU machine). The
+    # same rows, bit for bit. Opt-in and not in the speed model: on an H100 the 8 GB plan
+    # measured +0.6% to +1.1% with it when the ids were still read back on a side stream,
+    # within the runs' spread (docs/benchmarks/speed-checks/19-8gb-step-gaps).
     offload_embeddings_async: bool = False
     seed: int = 42
     logging_steps: PositiveInt = 1

@@ -28,6 +28,10 @@ IGNORE = -100  # the label value HF losses skip
 # finish all it was given: the previous micro-batch's backward, at every micro-batch. (Packed
 # rows have no attention_mask to count from either.)
 TOKENS_KEY = "vramfit_tokens"
+# train.offload_embeddings_async: the batch's input_ids as the collator made them, left on the
+# CPU (OnHost), so the embedding lookup in host RAM never reads them back from the GPU
+# (offload.embeddings_on_host). The trainer drops it before the model's forward too.
+HOST_IDS_KEY = "vramfit_host_ids"
 FORMATS = ("alpaca", "messages", "sharegpt", "text", "prompt_completion")
 # Columns each format needs, in detection order (first match wins).
 REQUIRED = {
@@ -517,6 +521,17 @@ def pack_examples(examples: list[dict], seq_len: int) -> list[dict]:
     return rows
 
 
+class OnHost:
+    """A tensor that stays on the CPU when the batch goes to the GPU: Accelerate's
+    send_to_device and the DataLoader's pinning pass an object that has neither ``to`` nor
+    ``pin_memory`` through as it is."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor) -> None:
+        self.tensor = tensor
+
+
 @dataclass
 class Collator:
     """Right-pads a batch to its longest example: pad id / mask 0 / label -100.
@@ -530,6 +545,7 @@ class Collator:
     tokenizer: Any
     pad_to_multiple_of: int | None = None
     max_len: int | None = None  # the rounding never pads past this (seq_len)
+    host_ids: bool = False  # also hand the trainer the CPU ids (HOST_IDS_KEY)
 
     def __post_init__(self) -> None:
         pad = self.tokenizer.pad_token_id
@@ -566,7 +582,7 @@ class Collator:
             del out["attention_mask"]
         batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
         batch[TOKENS_KEY] = tokens
-        return batch
+        return self._with_host_ids(batch)
 
     def _packed(self, features: list[dict], longest: int):
         import torch
@@ -579,4 +595,9 @@ class Collator:
             out["position_ids"].append([int(x) for x in f["position_ids"]] + list(range(n)))
         batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
         batch[TOKENS_KEY] = sum(len(f["input_ids"]) for f in features)
+        return self._with_host_ids(batch)
+
+    def _with_host_ids(self, batch: dict) -> dict:
+        if self.host_ids:
+            batch[HOST_IDS_KEY] = OnHost(batch["input_ids"])
         return batch

@@ -280,15 +280,16 @@ class _OverlappedLookup:
     The plain path reads the ids back with ``ids.to("cpu")``, a copy on the compute stream:
     the CPU waits for everything queued before it (at every micro-batch after the first,
     the previous one's backward), and the GPU then idles through the CPU's gather and the
-    pageable copy of the rows. Here the ids come back on a stream of their own, the rows are
-    gathered straight into pinned memory, and their copy to the GPU is queued on the
-    compute stream without the CPU waiting: the gather runs while the GPU still works.
+    pageable copy of the rows. Here the ids are the collator's own CPU copy (``expect``,
+    data.HOST_IDS_KEY), the rows are gathered straight into pinned memory, and their copy
+    to the GPU is queued on the compute stream without the CPU waiting: the gather runs
+    while the GPU still works, and nothing is read back from it.
 
-    Its one assumption: the ids on the GPU are complete when the forward starts. The
-    Trainer's batches reach the GPU by blocking copies (TrainingArguments'
-    accelerator_config ``non_blocking`` off, as vramfit renders it; train.py checks), so
-    they are. Opt-in: on an H100 the 8 GB plan measured +0.6% to +1.1% with it, within the
-    runs' spread (docs/benchmarks/speed-checks/19-8gb-step-gaps)."""
+    Where a forward comes without the collator's copy (or one of another shape), the ids
+    come back on a stream of their own (``ids``). That assumes the ids on the GPU are
+    complete when the forward starts: the Trainer's batches reach the GPU by blocking copies
+    (TrainingArguments' accelerator_config ``non_blocking`` off, as vramfit renders it;
+    train.py checks), so they are."""
 
     # The gather reads micro_batch x seq rows scattered over a table of ~1 GiB: bound by the
     # CPU's memory latency, and single-threaded under the OMP_NUM_THREADS=1 vramfit launches
@@ -337,9 +338,30 @@ class _OverlappedLookup:
                 job.result()  # re-raises a thread's error here
 
 
-def embeddings_on_host(model: nn.Module, overlap: bool = False):
+class HostEmbeddings:
+    """What ``embeddings_on_host`` installed: ``place`` and ``expect``."""
+
+    def __init__(self, emb: nn.Module, lookup: _OverlappedLookup | None) -> None:
+        self.emb, self.lookup = emb, lookup
+        # The collator's CPU ids for the next lookup (expect), or None.
+        self.pending: torch.Tensor | None = None
+
+    def expect(self, ids: torch.Tensor | None) -> None:
+        """The next lookup's ids, as the collator made them on the CPU (None: forget them).
+        Only the overlapped lookup uses them, and only for ids of the same shape."""
+        self.pending = ids
+
+    def place(self) -> None:
+        """Move the table to host RAM again (a no-op once it is there)."""
+        if self.emb.weight.device.type == "cpu":
+            return
+        self.emb.to("cpu")
+        torch.cuda.empty_cache()  # hand the table's GPU block back instead of keeping it cached
+
+
+def embeddings_on_host(model: nn.Module, overlap: bool = False) -> HostEmbeddings:
     """``train.offload_embeddings``: keep the input embedding table in host RAM. Moves it
-    there and returns ``place``, which moves it there again (and is a no-op once it is).
+    there and returns a HostEmbeddings, whose ``place`` moves it there again.
 
     The lookup then runs on the CPU (a gather of micro_batch x seq rows) and only its
     output crosses PCIe, micro_batch x seq x hidden 16-bit values, where the table is
@@ -356,12 +378,18 @@ def embeddings_on_host(model: nn.Module, overlap: bool = False):
     # is overlapped). overlap: train.offload_embeddings_async, for ids from a GPU.
     origin: list[tuple[torch.device, bool]] = []
     lookup = _OverlappedLookup() if overlap and getattr(emb, "max_norm", None) is None else None
+    host = HostEmbeddings(emb, lookup)
 
     def ids_to_table(module, args):
         ids = args[0]
+        known, host.pending = host.pending, None  # for this lookup only
         overlapped = lookup is not None and ids.is_cuda and module.weight.device.type == "cpu"
         origin.append((ids.device, overlapped))
-        return (lookup.ids(ids) if overlapped else ids.to(module.weight.device), *args[1:])
+        if not overlapped:
+            return (ids.to(module.weight.device), *args[1:])
+        if known is not None and known.shape == ids.shape and known.device.type == "cpu":
+            return (known, *args[1:])
+        return (lookup.ids(ids), *args[1:])
 
     plain_forward = emb.forward
 
@@ -382,12 +410,5 @@ def embeddings_on_host(model: nn.Module, overlap: bool = False):
     # later, when the Trainer turns checkpointing on) then marks the GPU copy as needing
     # gradients, so the backward stops there instead of copying a gradient to the CPU.
     emb.register_forward_hook(rows_back, prepend=True)
-
-    def place() -> None:
-        if emb.weight.device.type == "cpu":
-            return
-        emb.to("cpu")
-        torch.cuda.empty_cache()  # hand the table's GPU block back instead of keeping it cached
-
-    place()
-    return place
+    host.place()
+    return host

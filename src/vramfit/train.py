@@ -43,7 +43,7 @@ from .gpu_memory import MemoryMonitor, apply_budget
 from .model_source import load_tokenizer, resolve_model_dir
 from .preempt import PreemptionCallback
 from .quiet import quiet_libraries
-from .data import TOKENS_KEY
+from .data import HOST_IDS_KEY, TOKENS_KEY
 from .render import ADAPTER, BAD_INPUT_MARK, CHECKPOINTS, CRASH_MARK, METRICS, TRAIN_LOG, read_plan, write_text_atomic
 
 GIB = 1 << 30
@@ -154,6 +154,8 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
     # pinned blocks they took).
     host_activations = None
     offloaded_peak = (0, 0, 0, 0)
+    # train.offload_embeddings: offload.HostEmbeddings, told each batch's CPU ids.
+    host_embeddings = None
     _flops_params: int | None = None
 
     def _get_train_sampler(self, train_dataset=None):
@@ -198,20 +200,28 @@ class TokenCountingTrainer(StagedCheckpointTrainer):
         return 6 * ids.numel() * self._flops_params
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        # Training and evaluation both reach the model through here: the count is not its input.
-        inputs = {k: v for k, v in inputs.items() if k != TOKENS_KEY}
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        # Training and evaluation both reach the model through here: the count and the CPU
+        # ids are not its inputs.
+        host_ids = inputs.get(HOST_IDS_KEY)
+        inputs = {k: v for k, v in inputs.items() if k not in (TOKENS_KEY, HOST_IDS_KEY)}
+        if self.host_embeddings is None or host_ids is None:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        self.host_embeddings.expect(host_ids.tensor)
+        try:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        finally:
+            self.host_embeddings.expect(None)  # never left for a forward they were not made for
 
 
 class EmbeddingsOnHost(TrainerCallback):
     """train.offload_embeddings: Accelerate's prepare (after loading, before the first
     step) moves a non-quantized model to the GPU whole; put the table back in host RAM."""
 
-    def __init__(self, place) -> None:
-        self.place = place
+    def __init__(self, host) -> None:
+        self.host = host  # offload.HostEmbeddings
 
     def on_train_begin(self, args, state, control, **kw):
-        self.place()
+        self.host.place()
 
 
 class LeanRecompute(TrainerCallback):
@@ -724,14 +734,17 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         log(f"checkpointing: the first {n} of {len(layers)} decoder layers are recomputed in the backward; the last {len(layers) - n} keep their activations")
     if lean:  # after PartialCheckpointing: its count is of the layers that still checkpoint
         callbacks.append(LeanRecompute(model, log))
+    host_embeddings = overlap = None
     if cfg.train.offload_embeddings:
         from .offload import embeddings_on_host
 
-        # Its overlapped lookup reads the ids on a side stream: only safe where the batches'
-        # copies to the GPU are blocking, as rendered (offload._OverlappedLookup).
+        # The overlapped lookup takes the collator's CPU ids (Collator.host_ids), or where a
+        # forward comes without them reads the ids on a side stream: only safe where the
+        # batches' copies to the GPU are blocking, as rendered (offload._OverlappedLookup).
         overlap = (cfg.train.offload_embeddings_async and doc["device"] == "cuda"
                    and not getattr(args.accelerator_config, "non_blocking", False))  # fmt: skip
-        callbacks.append(EmbeddingsOnHost(embeddings_on_host(model, overlap=overlap)))
+        host_embeddings = embeddings_on_host(model, overlap=overlap)
+        callbacks.append(EmbeddingsOnHost(host_embeddings))
         how = ", overlapped with the GPU's work (train.offload_embeddings_async)" if overlap else ""
         log(f"embeddings: the input embedding table stays in host RAM; lookups run on the CPU{how}")
 
@@ -742,10 +755,11 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         args=args,
         train_dataset=train_ds,
         eval_dataset=val_ds,
-        data_collator=Collator(tokenizer, cfg.data.pad_to_multiple_of, cfg.data.seq_len),
+        data_collator=Collator(tokenizer, cfg.data.pad_to_multiple_of, cfg.data.seq_len, host_ids=bool(overlap)),
         callbacks=[progress, *callbacks],
     )
     trainer.longest_first = longest_first
+    trainer.host_embeddings = host_embeddings
     if cfg.train.offload_activations:
         trainer.host_activations = offload_activations(model, cfg, doc["device"], log)
     trainer_ref.append(trainer)
