@@ -82,10 +82,16 @@ def _early_stop() -> bool:
     return getattr(checkpoint, "_enable_checkpoint_early_stop", None) is not False
 
 
+def in_lean_recomputation() -> bool:
+    """Whether this call runs in a flagged recomputation that stops where its saved tensors
+    end: where an output only later, unsaved work reads may be left unwritten."""
+    return getattr(_state, "recomputing", False) and _early_stop()
+
+
 def _skips_base(layer) -> bool:
     """Whether this call may leave the base multiply out: a recomputation, of a layer whose
     output it never reads, that stops where its saved tensors end."""
-    return getattr(_state, "recomputing", False) and getattr(layer, "_vramfit_output_unused", False) and _early_stop()
+    return getattr(layer, "_vramfit_output_unused", False) and in_lean_recomputation()
 
 
 def _unread(x: torch.Tensor, out_features: int) -> torch.Tensor:

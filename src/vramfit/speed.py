@@ -255,6 +255,14 @@ def lean_recompute_applies(cfg: RunConfig) -> bool:
     return cfg.kernels.lean_recompute and cfg.train.grad_ckpt and fused_lora_applies(cfg) and not cfg.kernels.tiled_mlp
 
 
+def lean_mlp_applies(cfg: RunConfig) -> bool:
+    """What kernels.lean_recompute's MLP part needs of the config (lean_mlp.py checks each
+    layer): checkpointing, liger's SwiGLU, 4-bit base layers and no tiled MLP, not under
+    ZeRO-3. Not in the speed model yet: its gain is measured in docs/benchmarks/speed/22-8gb-host-ids/."""
+    return (cfg.kernels.lean_recompute and cfg.train.grad_ckpt and cfg.kernels.liger_ops and cfg.method == "qlora"
+            and not cfg.kernels.tiled_mlp and cfg.deepspeed.stage != 3)  # fmt: skip
+
+
 def lean_recompute_params(shape: ModelShape, cfg: RunConfig) -> int:
     """Weights per decoder layer whose multiply kernels.lean_recompute leaves out of a
     checkpointed layer's recomputation (fused_lora.mark_unused_outputs): an adapted down_proj

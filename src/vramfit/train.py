@@ -228,19 +228,27 @@ class LeanRecompute(TrainerCallback):
     """kernels.lean_recompute: the Trainer sets each decoder layer's checkpoint function as
     training begins (TrainingArguments.gradient_checkpointing); run its recomputations under
     fused_lora.checkpoint_contexts, where the flagged down_proj layers skip their base
-    multiply."""
+    multiply and (``mlps``: liger's SwiGLU before an unadapted 4-bit down_proj, lean_mlp.py)
+    the MLPs their SwiGLU kernel. liger patches the MLPs as training begins too, before this
+    runs."""
 
-    def __init__(self, model, log) -> None:
-        self.model, self.log = model, log
+    def __init__(self, model, log, downs: int, mlps: bool) -> None:
+        self.model, self.log, self.downs, self.mlps = model, log, downs, mlps
 
     def on_train_begin(self, args, state, control, **kw):
         from .fused_lora import lean_checkpointing
         from .offload import outermost_layers
 
         layers = outermost_layers(self.model)
-        if lean_checkpointing(layers):
+        mlps = 0
+        if self.mlps:
+            from .lean_mlp import install as lean_mlps
+
+            mlps = lean_mlps(layers, getattr(self.model.config, "model_type", ""))
+        if (self.downs or mlps) and lean_checkpointing(layers):
             n = sum(1 for layer in layers if getattr(layer, "gradient_checkpointing", False))
-            self.log(f"checkpointing: the recomputations of {n} checkpointed decoder layers leave out down_proj's base multiply (its output is never read)")
+            what = ["down_proj's base multiply"] * bool(self.downs) + ["the SwiGLU kernel"] * bool(mlps)
+            self.log(f"checkpointing: the recomputations of {n} checkpointed decoder layers leave out {' and '.join(what)} (its output is never read)")
 
 
 class PartialCheckpointing(TrainerCallback):
@@ -703,7 +711,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
                 "plan again with --set kernels.tiled_mlp=false",
             )
         log(f"kernels: the MLP of each of {tiled} decoder layers runs over chunks of the sequence (DeepSpeed TiledMLP)")
-    lean = False
+    lean = 0  # down_proj layers flagged for kernels.lean_recompute
     if cfg.kernels.fused_lora and cfg.uses_adapter:
         from .speed import fused_lora_applies, lean_recompute_applies  # the speed model counts them where these install them
 
@@ -719,7 +727,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
             if fused and lean_recompute_applies(cfg):
                 from .fused_lora import mark_unused_outputs
 
-                lean = mark_unused_outputs(model) > 0
+                lean = mark_unused_outputs(model)
     if cfg.train.grad_ckpt_layers is not None:  # config.py: only with grad_ckpt
         from .offload import outermost_layers
 
@@ -732,8 +740,10 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         n = min(cfg.train.grad_ckpt_layers, len(layers))
         callbacks.append(PartialCheckpointing(layers, n))
         log(f"checkpointing: the first {n} of {len(layers)} decoder layers are recomputed in the backward; the last {len(layers) - n} keep their activations")
-    if lean:  # after PartialCheckpointing: its count is of the layers that still checkpoint
-        callbacks.append(LeanRecompute(model, log))
+    from .speed import lean_mlp_applies
+
+    if lean or lean_mlp_applies(cfg):  # after PartialCheckpointing: its count is of the layers that still checkpoint
+        callbacks.append(LeanRecompute(model, log, lean, lean_mlp_applies(cfg)))
     host_embeddings = overlap = None
     if cfg.train.offload_embeddings:
         from .offload import embeddings_on_host
