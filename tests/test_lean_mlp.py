@@ -153,6 +153,7 @@ def test_cuda_liger_swiglu_recomputation_skips_its_kernel_same_gradients(tmp_pat
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)
+    model.train()  # from_pretrained gives eval mode, where transformers does not checkpoint
     apply_liger_kernel_to_qwen2(model=model.get_base_model(), rope=True, rms_norm=True, swiglu=True, cross_entropy=False)
     ids = torch.randint(0, 512, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     runs = []
