@@ -172,15 +172,13 @@ def test_fused_layers_with_their_saved_tensors_in_host_ram_train_the_same(ckpt):
 # ---------------------------------------------------------------- 4-bit (QLoRA) layers
 
 
-@pytest.fixture(scope="module")
-def qlora_model(tmp_path_factory):
-    """A tiny Qwen2 loaded in 4 bits by bitsandbytes (its CPU backend), with PEFT's LoRA on
-    every linear: PEFT's bnb Linear4bit layers, as QLoRA trains them."""
+def tiny_qlora(path, target_modules):
+    """A tiny Qwen2 saved under ``path``, loaded in 4 bits by bitsandbytes (its CPU backend)
+    with PEFT's LoRA on ``target_modules``, as QLoRA trains it; in training mode."""
     pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-4bit")
     torch.manual_seed(0)
     cfg = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=300)  # fmt: skip
@@ -189,11 +187,17 @@ def qlora_model(tmp_path_factory):
     # On the CPU wherever the tests run (a GPU machine would place it on the GPU): these
     # tests compare CPU steps; the fused path's CUDA step has a test of its own.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=bnb, device_map="cpu")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=target_modules))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)
     return model.train()
+
+
+@pytest.fixture(scope="module")
+def qlora_model(tmp_path_factory):
+    """PEFT's LoRA on every linear: PEFT's bnb Linear4bit layers."""
+    return tiny_qlora(tmp_path_factory.mktemp("tiny-4bit"), "all-linear")
 
 
 def test_4bit_layers_are_routed_and_train_as_peft_s_to_rounding(qlora_model):

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_fused_lora import tiny_qlora
+
 
 class StandInSiLUMul(torch.autograd.Function):
     """LigerSiLUMulFunction's saving, in plain torch: contiguous inputs, saved as rows x
@@ -44,24 +46,8 @@ def stand_in_forward(self, x):
 
 @pytest.fixture(scope="module")
 def qlora_qv(tmp_path_factory):
-    """A tiny Qwen2 in 4 bits (bitsandbytes' CPU backend), LoRA on q and v only: down_proj
-    stays a frozen Linear4bit, as in the 8 GB plan."""
-    pytest.importorskip("bitsandbytes")
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-4bit-qv")
-    torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300)  # fmt: skip
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=bnb, device_map="cpu")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)
-    return model.train()
+    """LoRA on q and v only: down_proj stays a frozen Linear4bit, as in the 8 GB plan."""
+    return tiny_qlora(tmp_path_factory.mktemp("tiny-4bit-qv"), ["q_proj", "v_proj"])
 
 
 def _step(model, lean: bool, ids, is_swiglu=lambda mlp: True):
