@@ -341,8 +341,8 @@ class _OverlappedLookup:
 class HostEmbeddings:
     """What ``embeddings_on_host`` installed: ``place`` and ``expect``."""
 
-    def __init__(self, emb: nn.Module, lookup: _OverlappedLookup | None) -> None:
-        self.emb, self.lookup = emb, lookup
+    def __init__(self, emb: nn.Module) -> None:
+        self.emb = emb
         # The collator's CPU ids for the next lookup (expect), or None.
         self.pending: torch.Tensor | None = None
 
@@ -378,7 +378,7 @@ def embeddings_on_host(model: nn.Module, overlap: bool = False) -> HostEmbedding
     # is overlapped). overlap: train.offload_embeddings_async, for ids from a GPU.
     origin: list[tuple[torch.device, bool]] = []
     lookup = _OverlappedLookup() if overlap and getattr(emb, "max_norm", None) is None else None
-    host = HostEmbeddings(emb, lookup)
+    host = HostEmbeddings(emb)
 
     def ids_to_table(module, args):
         ids = args[0]

@@ -258,7 +258,7 @@ def lean_recompute_applies(cfg: RunConfig) -> bool:
 def lean_mlp_applies(cfg: RunConfig) -> bool:
     """What kernels.lean_recompute's MLP part needs of the config (lean_mlp.py checks each
     layer): checkpointing, liger's SwiGLU, 4-bit base layers and no tiled MLP, not under
-    ZeRO-3. Not in the speed model yet: its gain is measured in docs/benchmarks/speed/22-8gb-host-ids/."""
+    ZeRO-3. Not in the speed model: its gain is not measured yet (docs/benchmarks/speed/23-8gb-ab/run.sh is the A/B)."""
     return (cfg.kernels.lean_recompute and cfg.train.grad_ckpt and cfg.kernels.liger_ops and cfg.method == "qlora"
             and not cfg.kernels.tiled_mlp and cfg.deepspeed.stage != 3)  # fmt: skip
 

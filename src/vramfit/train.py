@@ -742,8 +742,9 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         log(f"checkpointing: the first {n} of {len(layers)} decoder layers are recomputed in the backward; the last {len(layers) - n} keep their activations")
     from .speed import lean_mlp_applies
 
-    if lean or lean_mlp_applies(cfg):  # after PartialCheckpointing: its count is of the layers that still checkpoint
-        callbacks.append(LeanRecompute(model, log, lean, lean_mlp_applies(cfg)))
+    lean_mlps = lean_mlp_applies(cfg)
+    if lean or lean_mlps:  # after PartialCheckpointing: its count is of the layers that still checkpoint
+        callbacks.append(LeanRecompute(model, log, lean, lean_mlps))
     host_embeddings = overlap = None
     if cfg.train.offload_embeddings:
         from .offload import embeddings_on_host
