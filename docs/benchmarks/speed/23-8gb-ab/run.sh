@@ -12,13 +12,16 @@
 # .old (git-ignored) is made first: rm -rf .old && mkdir .old && git archive 61bb2aa src | tar -x -C .old
 # Run from the project root with .whl and .old carried:
 #   bash docs/benchmarks/speed/23-8gb-ab/run.sh
-# LIMIT: the seconds the script may take (default 560).
+# LIMIT: the seconds the script may take (default 560); BENCH: the benchmark's extra rows
+# (default "--no-lean --embed-async"); ARMS: the runs after it (default "before again"). With
+# little device time left: LIMIT=430 BENCH=--embed-async ARMS=before.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
 export PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 NEW=/tmp/site:$PWD/src OLD=/tmp/site:$PWD/.old/src
 export PYTHONPATH=$NEW
-LIMIT=${LIMIT:-560}
+LIMIT=${LIMIT:-560} BENCH=${BENCH---no-lean --embed-async} ARMS=${ARMS-before again}
+set -- $ARMS
 (nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv; lscpu | grep -i "model name"; nproc) > $OUT/host.txt 2>&1
 cat $OUT/host.txt
 M=/tmp/vramfit-bench
@@ -30,14 +33,14 @@ timeout 90 python3 -m pytest -q -m gpu tests/test_lean_mlp.py -p no:cacheprovide
 tail -1 $OUT/pytest-gpu.log
 wait $BUILD
 echo "built at ${SECONDS}s"
-timeout $((LIMIT - 150 - SECONDS)) python3 scripts/benchmark_speed.py --only 8gb-qlora --steps 12 --no-lean --embed-async \
+timeout $((LIMIT - 80 * $# - SECONDS)) python3 scripts/benchmark_speed.py --only 8gb-qlora --steps 12 $BENCH \
   --skip seed-made-to-fit --skip vramfit-auto-fused --skip seed-as-written-uncapped --skip seed-as-written \
   --results /tmp/bench --archive $OUT/bench.tar.gz > $OUT/benchmark.log 2>&1
 grep -E "^(==|done|prediction)" $OUT/benchmark.log | cut -c1-160
 echo "benchmark done at ${SECONDS}s"
 CMD="train --preset auto --budget 8 --model $M/qwen2.5-7b --data $M/long.jsonl --set data.seq_len=512 --set lora.r=8 --set lora.alpha=16 --set lora.target_modules=[q_proj,v_proj] --set train.micro_batch=16 --set train.grad_accum=2 --set train.save_steps=1000 --set train.logging_steps=1 --set train.max_steps=12"
 mkdir -p /tmp/ab
-for v in before again; do
+for v in $ARMS; do
   [ $SECONDS -gt $((LIMIT - 80)) ] && { echo "$v: no time left"; break; }
   P=$NEW; [ $v = before ] && P=$OLD
   rm -rf /tmp/run-$v
