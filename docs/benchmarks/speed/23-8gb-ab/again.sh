@@ -1,0 +1,5 @@
+# Session 19, second device call, on the machine run.sh had just used (still warm: its
+# /tmp/site wheels and /tmp/vramfit-bench model and data in place): one more pair of the
+# planner's plan with train.offload_embeddings_async on and off, 12 steps each, with the
+# 203 s of device time left. The exact command, as sent:
+export PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src; M=/tmp/vramfit-bench; ls $M >/dev/null || exit 9; for v in async2 new2; do X=""; [ $v = async2 ] && X="--set train.offload_embeddings_async=true"; timeout 85 python3 -m vramfit train --preset auto --budget 8 --model $M/qwen2.5-7b --data $M/long.jsonl --set data.seq_len=512 --set lora.r=8 --set lora.alpha=16 --set lora.target_modules=[q_proj,v_proj] --set train.micro_batch=16 --set train.grad_accum=2 --set train.save_steps=1000 --set train.logging_steps=1 --set train.max_steps=12 $X --out /tmp/run-$v > $OUT/$v.log 2>&1; cp /tmp/run-$v/metrics.json $OUT/$v-metrics.json; cp /tmp/run-$v/train.log $OUT/$v-train.log; echo "$v ${SECONDS}s $(grep -o '"steady_tokens_per_s": [0-9.]*' /tmp/run-$v/metrics.json)"; done
