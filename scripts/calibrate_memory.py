@@ -90,14 +90,36 @@ class Job:
 
 # Kernel switches added since the oldest recorded runs, as those runs had them: PEFT's own LoRA
 # layers (kernels.fused_lora: session 12, on by default since 13), recomputing every multiply
-# (kernels.lean_recompute: session 15). A recorded config without the key ran so; the default,
-# true since, would model it as fused and lean (memory.down_input_grad_copies, speed.py).
-KERNELS_BEFORE = {"fused_lora": False, "lean_recompute": False}
+# (kernels.lean_recompute: session 15), making liger's SwiGLU product in recomputations
+# (kernels.lean_mlp: session 18). A recorded config without the key ran so; the default,
+# true since, would model it as fused and lean (memory.down_input_grad_copies,
+# memory.lean_mlp_skips_product, speed.py).
+KERNELS_BEFORE = {"fused_lora": False, "lean_recompute": False, "lean_mlp": False}
+# The same for train: the embedding lookup from host RAM, in line with the GPU's work until
+# session 19 made the overlapped one the default (train.offload_embeddings_async).
+TRAIN_BEFORE = {"offload_embeddings_async": False}
 
 
 def as_recorded(config: dict) -> dict:
-    """A recorded plan.yaml config as its run behaved: the KERNELS_BEFORE switches it lacks, off."""
-    return {**config, "kernels": {**KERNELS_BEFORE, **config.get("kernels", {})}}
+    """A recorded plan.yaml config as its run behaved: the KERNELS_BEFORE and TRAIN_BEFORE
+    switches it lacks, off."""
+    return {**config, "kernels": {**KERNELS_BEFORE, **config.get("kernels", {})},
+            "train": {**TRAIN_BEFORE, **config.get("train", {})}}  # fmt: skip
+
+
+# What train.py logs where lean_mlp.py is installed: the runs of sessions 18 and 19 had the
+# skip under kernels.lean_recompute, before kernels.lean_mlp was its own key.
+LEAN_MLP_LOGGED = "the SwiGLU kernel (its output is never read)"
+
+
+def run_config(run_dir: Path) -> dict:
+    """A run directory's recorded config as its run behaved (as_recorded), with
+    kernels.lean_mlp on where its train.log says the skip was installed."""
+    config = yaml.safe_load((run_dir / "plan.yaml").read_text())["config"]
+    log = run_dir / "train.log"
+    if "lean_mlp" not in config.get("kernels", {}) and log.is_file() and LEAN_MLP_LOGGED in log.read_text():
+        config = {**config, "kernels": {**config.get("kernels", {}), "lean_mlp": True}}
+    return as_recorded(config)
 
 
 def set_args(row: dict, steps: int) -> list[str]:
@@ -126,6 +148,8 @@ def set_args(row: dict, steps: int) -> list[str]:
         # The matrices calibrate PEFT's layers: every row recorded so far ran before
         # kernels.fused_lora existed, and its backward keeps less (memory.down_input_grad_copies).
         sets["kernels.fused_lora"] = str(bool(row.get("fused_lora", KERNELS_BEFORE["fused_lora"]))).lower()
+    # Every row so far made liger's SwiGLU product in its recomputations (memory.lean_mlp_skips_product).
+    sets["kernels.lean_mlp"] = str(bool(row.get("lean_mlp", KERNELS_BEFORE["lean_mlp"]))).lower()
     out: list[str] = []
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from calibrate_memory import as_recorded, matrix_runs  # noqa: E402
+from calibrate_memory import matrix_runs, run_config  # noqa: E402
 
 import vramfit.memory as memory  # noqa: E402
 from vramfit.config import RunConfig  # noqa: E402
@@ -75,7 +75,7 @@ def _benchmark_runs():
                 continue  # a comparison run kept without its plan
             m = json.loads(metrics.read_text())
             plan = yaml.safe_load((metrics.parent / "plan.yaml").read_text())
-            cfg = RunConfig.model_validate(as_recorded(plan["config"]))
+            cfg = RunConfig.model_validate(run_config(metrics.parent))
             if not m.get("peak_allocated_gib") or not cfg.kernels.fused_loss or plan["device"] != "cuda":
                 continue
             if cfg.train.offload_activations and not cfg.train.grad_ckpt:

@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from calibrate_memory import KERNELS_BEFORE, config_from_command, model_of  # noqa: E402
+from calibrate_memory import KERNELS_BEFORE, TRAIN_BEFORE, config_from_command, model_of  # noqa: E402
 from vramfit import speed  # noqa: E402
 from vramfit.config import RunConfig  # noqa: E402
 from vramfit.model_shape import ModelShape, load_shape  # noqa: E402
@@ -113,10 +113,11 @@ class Row:
     steps: int = 0  # optimizer steps of the run (the steady rate leaves out the first)
 
     def __post_init__(self) -> None:
-        # Every run fitted here predates both switches (H200 runs of sessions 3-11): a config
+        # Every run fitted here predates these switches (H200 runs of sessions 3-11): a config
         # rebuilt from its command would otherwise take their defaults.
         kernels = self.cfg.kernels.model_copy(update=KERNELS_BEFORE)
-        self.cfg = self.cfg.model_copy(update={"kernels": kernels})
+        train = self.cfg.train.model_copy(update=TRAIN_BEFORE)
+        self.cfg = self.cfg.model_copy(update={"kernels": kernels, "train": train})
 
     @property
     def shape(self) -> ModelShape:

@@ -1,4 +1,4 @@
-"""kernels.lean_recompute's MLP part (lean_mlp.py): in a checkpointed layer's recomputation,
+"""kernels.lean_mlp (lean_mlp.py): in a checkpointed layer's recomputation,
 liger's SwiGLU before an unadapted 4-bit down_proj saves its tensors and skips its kernel.
 On the CPU with a stand-in for liger's function (liger's kernels need a GPU) that saves
 exactly what liger 0.8's does; on a GPU with liger itself."""

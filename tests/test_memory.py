@@ -39,6 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 Q7 = shape_from_config(QWEN7B_CONFIG)
 
 
+def recorded(run_dir: Path) -> RunConfig:
+    """A run directory's config as its run behaved (calibrate_memory.run_config): switches
+    added since, with defaults its code did not have, are off."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from calibrate_memory import run_config
+
+    return RunConfig.model_validate(run_config(run_dir))
+
+
 def cfg(**sections) -> RunConfig:
     return RunConfig.model_validate(sections)
 
@@ -675,19 +686,13 @@ def test_liger_ops_keep_one_intermediate_less_and_16bit_norm_inputs_and_yield_to
 
 
 def _snapshot_run(name):
-    import json
-    from pathlib import Path
-
-    import yaml
-
-    run = Path(__file__).resolve().parents[1] / "docs/benchmarks/calibration/snapshots" / name
+    run = ROOT / "docs/benchmarks/calibration/snapshots" / name
     if not run.is_dir():
         pytest.skip("no docs/ in this install")
-    plan = yaml.safe_load((run / "plan.yaml").read_text())
     from vramfit.model_shape import load_shape
 
     shape = load_shape(str(run.parents[4] / "scripts/archs/qwen2.5-7b.json"))  # the model the run trained
-    return shape, RunConfig.model_validate(plan["config"]), json.loads((run / "metrics.json").read_text())
+    return shape, recorded(run), json.loads((run / "metrics.json").read_text())
 
 
 def test_adapter_gradients_are_not_held_at_the_start_of_a_one_micro_batch_backward():
@@ -739,10 +744,8 @@ def test_async_copies_reserve_is_counted_for_the_plan_it_was_measured_on():
     runs = ROOT / "docs/benchmarks/speed-checks/16-fused-lora-and-async/ab8/runs"
     if not runs.is_dir():
         pytest.skip("no docs/ in this install")
-    import yaml
-
     for name, is_async in (("run-8gb-qlora-vramfit-auto-offload-async", True), ("run-8gb-qlora-vramfit-auto", False)):
-        cfg = RunConfig.model_validate(yaml.safe_load((runs / name / "plan.yaml").read_text())["config"])
+        cfg = recorded(runs / name)
         assert cfg.train.offload_async is is_async and cfg.train.offload_activations and cfg.train.grad_ckpt
         measured = json.loads((runs / name / "metrics.json").read_text())["peak_process_gib"]
         peak = estimate(Q7, cfg, "bfloat16", "cuda", shortest=cfg.data.seq_len).peak_gib
@@ -770,9 +773,7 @@ def test_async_copies_plans_measured_since_are_predicted_on_the_safe_side(run):
     path = ROOT / "docs/benchmarks" / run
     if not path.is_dir():
         pytest.skip("no docs/ in this install")
-    import yaml
-
-    cfg = RunConfig.model_validate(yaml.safe_load((path / "plan.yaml").read_text())["config"])
+    cfg = recorded(path)
     assert cfg.train.offload_async and cfg.train.offload_activations and cfg.train.grad_ckpt
     measured = json.loads((path / "metrics.json").read_text())["peak_process_gib"]
     peak = estimate(Q7, cfg, "bfloat16", "cuda", shortest=cfg.data.seq_len).peak_gib
@@ -797,10 +798,55 @@ def test_fused_16bit_lora_runs_are_predicted_within_a_few_percent_over():
         raw = plan["config"]
         if raw.get("method") != "lora" or not raw.get("kernels", {}).get("fused_lora") or plan.get("device") != "cuda":
             continue
-        cfg = RunConfig.model_validate(raw)
+        cfg = recorded(m.parent)
         assert (plan["shape"]["model_type"], plan["shape"]["hidden"]) == ("qwen2", Q7.hidden)
         measured = json.loads(m.read_text())["peak_process_gib"]
         peak = estimate(Q7, cfg, "bfloat16", "cuda", shortest=cfg.data.seq_len).peak_gib
         seen.append((str(m.parent.relative_to(ROOT)), cfg.lora.dropout, round(peak / measured - 1, 3)))
         assert measured <= peak <= measured * 1.06, seen[-1]
     assert len(seen) >= 8 and {d for _, d, _ in seen} == {0.0, 0.05}, seen
+
+
+def test_lean_mlp_leaves_the_swiglu_product_out_of_the_backward_where_it_installs():
+    """kernels.lean_mlp (lean_mlp.py): the recomputations never make liger's SwiGLU product,
+    only where down_proj is an unadapted 4-bit layer and liger's SwiGLU runs."""
+    from vramfit.memory import lean_mlp_skips_product
+
+    qv = cfg(method="qlora", budget_gib=8, data={"seq_len": 512},
+             lora={"r": 8, "target_modules": ["q_proj", "v_proj"]},
+             train={"micro_batch": 16, "grad_accum": 2, "grad_ckpt": True, "offload_embeddings": True},
+             kernels={"fused_loss": True, "liger_ops": True})  # fmt: skip
+    product = 16 * 512 * Q7.intermediate * 2
+    off = qv.model_copy(update={"kernels": qv.kernels.model_copy(update={"lean_mlp": False})})
+    assert lean_mlp_skips_product(Q7, qv) and not lean_mlp_skips_product(Q7, off)
+    on_b, off_b = estimate(Q7, qv, shortest=512), estimate(Q7, off, shortest=512)
+    assert on_b.phase == off_b.phase == "backward"
+    assert off_b.peak - on_b.peak == pytest.approx(product * (1 + memory.OTHER_SLACK), rel=1e-6)
+
+    def changed(**update) -> RunConfig:
+        return qv.model_copy(update={k: getattr(qv, k).model_copy(update=v) for k, v in update.items()})
+
+    for other in (changed(lora={"target_modules": "all-linear"}),  # an adapter on down_proj reads the product
+                  changed(kernels={"liger_ops": False}), changed(kernels={"tiled_mlp": True}),
+                  changed(train={"grad_ckpt": False}), qv.model_copy(update={"method": "lora"})):  # fmt: skip
+        assert not lean_mlp_skips_product(Q7, other)
+    gemma = shape_from_config({**QWEN7B_CONFIG, "model_type": "gemma"})  # liger's GeGLU, left alone
+    assert not lean_mlp_skips_product(gemma, qv)
+
+
+def test_the_8gb_plan_with_and_without_the_lean_mlp_is_predicted_within_a_few_percent():
+    """The same plan measured on H100s: without the skip (session 17's code, 7.465 GiB) and
+    with it (session 19: 7.172, and 7.191 with the overlapped lookup). The model counts the
+    product as not made where kernels.lean_mlp is on; the runs before it have no such key."""
+    runs = {"speed/20-8gb-syncs/runs/run-8gb-qlora-vramfit-auto": False,
+            "speed/23-8gb-ab/runs/run-8gb-qlora-vramfit-auto": True,
+            "speed/23-8gb-ab/runs/run-8gb-qlora-vramfit-auto-embed-async": True}
+    if not (ROOT / "docs/benchmarks/speed/23-8gb-ab").is_dir():
+        pytest.skip("no docs/ in this install")
+    for run, lean in runs.items():
+        path = ROOT / "docs/benchmarks" / run
+        c = recorded(path)
+        assert c.kernels.lean_mlp is lean
+        measured = json.loads((path / "metrics.json").read_text())["peak_process_gib"]
+        peak = estimate(Q7, c, "bfloat16", "cuda", shortest=c.data.seq_len).peak_gib
+        assert measured * 0.98 <= peak <= measured * 1.03, (run, peak, measured)

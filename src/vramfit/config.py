@@ -126,10 +126,10 @@ class TrainConfig(_Section):
     # the CPU waiting, so the gather runs while the GPU finishes the previous micro-batch.
     # The plain lookup's copy of the ids waits for the whole queue first, then the GPU idles
     # through the gather (a 7B's 8192 rows took 32 ms on one core of the CPU machine). The
-    # same rows, bit for bit. Opt-in and not in the speed model: on an H100 the 8 GB plan
-    # measured +0.6% to +1.1% with it when the ids were still read back on a side stream,
-    # within the runs' spread (docs/benchmarks/speed-checks/19-8gb-step-gaps).
-    offload_embeddings_async: bool = False
+    # same rows, bit for bit. On by default: on an H100 the 8 GB plan measured +2.9% and
+    # +1.5% with it in two pairs of runs (docs/benchmarks/speed/23-8gb-ab/); the speed model
+    # leaves the lookup out of the step where it is on (speed.step_features).
+    offload_embeddings_async: bool = True
     seed: int = 42
     logging_steps: PositiveInt = 1
     save_steps: PositiveInt = 50
@@ -179,6 +179,14 @@ class KernelsConfig(_Section):
     # unadapted 4-bit down_proj needs nothing: bitsandbytes' layer saves no tensor, so torch's
     # checkpoint already stops the recomputation before it.
     lean_recompute: bool = True
+    # With liger_ops, grad_ckpt and QLoRA: a checkpointed layer's recomputation leaves out
+    # liger's SwiGLU kernel where down_proj is a 4-bit layer with no adapter (lean_mlp.py):
+    # nothing after the SwiGLU saves a tensor, so torch's checkpoint stops at its save and
+    # the product the kernel writes is never read. The same gradients, bit for bit
+    # (tests/test_lean_mlp.py, on the CPU and with liger on an H100). The product is not made:
+    # on an H100 the 8 GB plan peaked 0.29 GiB lower (7.17 against 7.47 GiB) at the same speed
+    # (docs/benchmarks/speed/23-8gb-ab/); the memory model counts it (memory.lean_mlp_applies).
+    lean_mlp: bool = True
 
 
 class DeepSpeedConfig(_Section):

@@ -1,4 +1,4 @@
-"""kernels.lean_recompute, the MLP's part: a checkpointed layer's recomputation leaves out
+"""kernels.lean_mlp: a checkpointed layer's recomputation leaves out
 liger's SwiGLU kernel where nothing reads its output.
 
 liger's SwiGLU (``LigerSiLUMulFunction``, installed by kernels.liger_ops) computes
@@ -9,8 +9,10 @@ as the 8 GB guide has it), nothing after the SwiGLU saves a tensor: bitsandbytes
 weight as a plain attribute, not through save_for_backward, and the add saves nothing. So
 torch's non-reentrant checkpoint, with its default early stop, ends the recomputation at the
 SwiGLU's save, and the output the kernel wrote (micro_batch x seq x intermediate) is dropped
-unread: about 1.5% of the 8 GB plan's step on an H100 (liger's forward kernel, 330 us for
-each of 28 layers per micro-batch, by the session-16 profile).
+unread. Skipping it was to save about 1.5% of the 8 GB plan's step on an H100 (liger's forward
+kernel, 330 us for each of 28 layers per micro-batch, by the session-16 profile); measured, the
+speed did not change beyond the runs' spread, but the peak fell by that output's size (0.29
+GiB: docs/benchmarks/speed/23-8gb-ab/), which memory.lean_mlp_skips_product counts.
 
 In a recomputation (fused_lora.checkpoint_contexts flags it) ``_SavedOnly`` saves what
 liger's function saves, the same tensors in the same order and shapes (its contiguous
@@ -46,7 +48,7 @@ class _SavedOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # pragma: no cover - the recomputation's graph is never backpropagated
-        raise RuntimeError("vramfit.lean_mlp: a recomputation's SwiGLU was backpropagated; turn kernels.lean_recompute off")
+        raise RuntimeError("vramfit.lean_mlp: a recomputation's SwiGLU was backpropagated; turn kernels.lean_mlp off")
 
 
 def _is_liger_swiglu(mlp: nn.Module) -> bool:

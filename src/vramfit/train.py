@@ -225,7 +225,7 @@ class EmbeddingsOnHost(TrainerCallback):
 
 
 class LeanRecompute(TrainerCallback):
-    """kernels.lean_recompute: the Trainer sets each decoder layer's checkpoint function as
+    """kernels.lean_recompute and kernels.lean_mlp: the Trainer sets each decoder layer's checkpoint function as
     training begins (TrainingArguments.gradient_checkpointing); run its recomputations under
     fused_lora.checkpoint_contexts, where the flagged down_proj layers skip their base
     multiply and (``mlps``: liger's SwiGLU before an unadapted 4-bit down_proj, lean_mlp.py)
@@ -740,7 +740,7 @@ def run(run_dir: Path, resume: bool) -> dict[str, Any]:
         n = min(cfg.train.grad_ckpt_layers, len(layers))
         callbacks.append(PartialCheckpointing(layers, n))
         log(f"checkpointing: the first {n} of {len(layers)} decoder layers are recomputed in the backward; the last {len(layers) - n} keep their activations")
-    from .speed import lean_mlp_applies
+    from .memory import lean_mlp_applies
 
     lean_mlps = lean_mlp_applies(cfg)
     if lean or lean_mlps:  # after PartialCheckpointing: its count is of the layers that still checkpoint
