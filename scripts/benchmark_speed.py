@@ -532,7 +532,7 @@ class Row:
 
 def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ram: int | None, fused: bool = True,
                uncapped_steps: int = UNCAPPED_STEPS, liger_ops: bool = False, peft_lora: bool = False,
-               offload_async: bool = False, no_lean: bool = False, embed_async: bool = False) -> list[Row]:  # fmt: skip
+               offload_async: bool = False, no_lean: bool = False, sync_embed: bool = False) -> list[Row]:  # fmt: skip
     from vramfit.memory import estimate
 
     model, data = str(work / seed.arch), str(work / "long.jsonl")
@@ -564,11 +564,11 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
                           ("vramfit-auto-liger-ops", {"kernels.liger_ops": True}),
                           ("vramfit-auto-peft-lora", {"kernels.fused_lora": False}),
                           ("vramfit-auto-offload-async", {"train.offload_activations": True, "train.offload_async": True}),
-                          ("vramfit-auto-no-lean", {"kernels.lean_recompute": False}),
-                          ("vramfit-auto-embed-async", {"train.offload_embeddings_async": True})):  # fmt: skip
+                          ("vramfit-auto-no-lean", {"kernels.lean_recompute": False, "kernels.lean_mlp": False}),
+                          ("vramfit-auto-sync-embed", {"train.offload_embeddings_async": False})):  # fmt: skip
         wanted = {"vramfit-auto-fused": fused, "vramfit-auto-liger-ops": liger_ops, "vramfit-auto-peft-lora": peft_lora,
                   "vramfit-auto-offload-async": offload_async, "vramfit-auto-no-lean": no_lean,
-                  "vramfit-auto-embed-async": embed_async}
+                  "vramfit-auto-sync-embed": sync_embed}
         if not wanted.get(config, True):
             continue
         sets, split_by, cfg = auto_sets(seed, model, data, gpu_name, host_ram, extra)
@@ -585,11 +585,12 @@ def speed_rows(seed: Seed, work: Path, steps: int, gpu_name: str | None, host_ra
             "vramfit-auto-peft-lora": "planner's plan with kernels.fused_lora pinned off (PEFT's LoRA layers as they are)",
             "vramfit-auto-offload-async": "planner's plan with the checkpointed layer inputs in host RAM, copied on a stream of "
                                           "their own (train.offload_activations and train.offload_async pinned on)",
-            "vramfit-auto-no-lean": "planner's plan with kernels.lean_recompute pinned off (every recomputation runs down_proj's "
-                                    "multiply; the planner may then split the batch differently)",
-            "vramfit-auto-embed-async": "planner's plan with train.offload_embeddings_async pinned on (the host-RAM "
-                                        "embedding lookup from the collator's CPU ids, overlapped with the GPU's work; "
-                                        "opt-in, does nothing without train.offload_embeddings)",
+            "vramfit-auto-no-lean": "planner's plan with kernels.lean_recompute and kernels.lean_mlp pinned off (every "
+                                    "recomputation runs down_proj's multiply and liger's SwiGLU; the planner may then "
+                                    "split the batch differently)",
+            "vramfit-auto-sync-embed": "planner's plan with train.offload_embeddings_async pinned off (the host-RAM "
+                                       "embedding lookup reads the ids back from the GPU and runs between its work; "
+                                       "does nothing without train.offload_embeddings)",
         }[config]
         rows.append(Row("speed", seed.group, config, seed.arch, seed.budget_gib, argv, True, peak,
                         run_seconds(seed.arch, cfg, steps, gpu_name), intended=cfg.model_dump(mode="json"),
@@ -959,7 +960,7 @@ def plan_rows(a, gpu_name: str | None, host_ram: int | None) -> list[Row]:
     for g in a.only or GROUPS:
         if g in SEEDS:
             rows += speed_rows(SEEDS[g], a.work, a.steps, gpu_name, host_ram, not a.no_fused, a.uncapped_steps, a.liger_ops, a.fused_lora,
-                              a.offload_async, a.no_lean, a.embed_async)
+                              a.offload_async, a.no_lean, a.sync_embed)
         else:
             modes = {"off": (False,), "on": (True,), "both": (False, True)}[a.fused]
             rows += ctx_rows(CTX_CASES[g], a.work, a.ctx_steps, gpu_name, host_ram, modes, a.edge)
@@ -994,8 +995,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-lora", action="store_true",
                     help="speed: add the planner's plan with kernels.fused_lora off (on by default since session 13)")
     ap.add_argument("--offload-async", action="store_true", help="speed: add the planner's plan with train.offload_activations and train.offload_async on")
-    ap.add_argument("--no-lean", action="store_true", help="speed: add the planner's plan with kernels.lean_recompute off")
-    ap.add_argument("--embed-async", action="store_true", help="speed: add the planner's plan with train.offload_embeddings_async on")
+    ap.add_argument("--no-lean", action="store_true", help="speed: add the planner's plan with kernels.lean_recompute and kernels.lean_mlp off")
+    ap.add_argument("--sync-embed", action="store_true", help="speed: add the planner's plan with train.offload_embeddings_async off")
     ap.add_argument("--skip", action="append", metavar="CONFIG",
                     help="leave out the rows of this config, e.g. seed-as-written-uncapped (repeatable)")
     ap.add_argument("--edge", action="store_true", help="max-context: also train the longest predicted under the budget with no margin")

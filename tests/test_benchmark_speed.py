@@ -289,7 +289,7 @@ def test_the_no_lean_row_pins_lean_recompute_off(tmp_path, capsys):
                     "--gpu-name", "NVIDIA H100 80GB HBM3"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     block = out.split("24gb-lora-method-kept-dropout0/vramfit-auto-no-lean:")[1]
-    assert "--set kernels.lean_recompute=false" in block.split("\n\n")[0]
+    assert "--set kernels.lean_recompute=false --set kernels.lean_mlp=false" in block.split("\n\n")[0]
     auto = out.split("24gb-lora-method-kept-dropout0/vramfit-auto:")[1].split("\n\n")[0]
     assert "kernels.lean_recompute" not in auto and "micro-batch 8 x 2" in auto
 

@@ -389,6 +389,10 @@ H100_RUNS = [  # H100 SXM runs (path, file prefix); none among the pairs GPU_MEA
     "speed-checks/18-lean-recompute/runs/run-24gb-lora-method-kept-dropout0-vramfit-auto/",
     "speed/16-8gb-async-auto/runs/run-8gb-qlora-vramfit-auto/",
     "speed/16-8gb-async-auto/long/async-false-",
+    # session 19: the 8 GB plan with the lookup in line and overlapped (the speed model leaves
+    # the overlapped one out of the step), 4.9% and 5.8% under.
+    "speed/23-8gb-ab/runs/run-8gb-qlora-vramfit-auto/",
+    "speed/23-8gb-ab/runs/run-8gb-qlora-vramfit-auto-embed-async/",
 ]
 
 
@@ -399,6 +403,7 @@ def test_h100_plans_are_predicted_within_6_percent(run):
     # r128 plans, micro-batch 4 x 4 with lean recomputation 5.7% under (the skipped multiply
     # saved more than its modelled time), 8 x 2 with the inputs in host RAM 5.2% over.
     import json
+    import sys
     from pathlib import Path
 
     import yaml
@@ -409,9 +414,12 @@ def test_h100_plans_are_predicted_within_6_percent(run):
     if not Path(path).parent.is_dir():
         pytest.skip("no docs/ in this install")
     plan = yaml.safe_load(Path(f"{path}plan.yaml").read_text())
-    # Runs from before kernels.lean_recompute existed recomputed every multiply.
-    plan["config"]["kernels"].setdefault("lean_recompute", False)
-    cfg = RunConfig.model_validate(plan["config"])
+    # As the run behaved: runs from before kernels.lean_recompute existed recomputed every
+    # multiply, and before session 19 the embedding lookup ran in line (calibrate_memory.as_recorded).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from calibrate_memory import as_recorded
+
+    cfg = RunConfig.model_validate(as_recorded(plan["config"]))
     measured = json.loads(Path(f"{path}metrics.json").read_text())
     assert measured["device"] == "NVIDIA H100 80GB HBM3" and measured_relative(measured["device"]) < 1
     predicted = estimate_speed(Q7, cfg, LengthStats((1 << 20,)), measured["device"]).tokens_per_s

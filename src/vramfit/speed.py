@@ -255,14 +255,6 @@ def lean_recompute_applies(cfg: RunConfig) -> bool:
     return cfg.kernels.lean_recompute and cfg.train.grad_ckpt and fused_lora_applies(cfg) and not cfg.kernels.tiled_mlp
 
 
-def lean_mlp_applies(cfg: RunConfig) -> bool:
-    """What kernels.lean_recompute's MLP part needs of the config (lean_mlp.py checks each
-    layer): checkpointing, liger's SwiGLU, 4-bit base layers and no tiled MLP, not under
-    ZeRO-3. Not in the speed model: its gain is not measured yet (docs/benchmarks/speed/23-8gb-ab/run.sh is the A/B)."""
-    return (cfg.kernels.lean_recompute and cfg.train.grad_ckpt and cfg.kernels.liger_ops and cfg.method == "qlora"
-            and not cfg.kernels.tiled_mlp and cfg.deepspeed.stage != 3)  # fmt: skip
-
-
 def lean_recompute_params(shape: ModelShape, cfg: RunConfig) -> int:
     """Weights per decoder layer whose multiply kernels.lean_recompute leaves out of a
     checkpointed layer's recomputation (fused_lora.mark_unused_outputs): an adapted down_proj
@@ -372,8 +364,12 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
     # fitted). Without it every saved tensor goes and the backward waits for them: they add.
     f["offload_checkpointed" if ckpt else "offload_activations"] = 2 * moved / 1e9
     # train.offload_embeddings: the CPU's gather of the looked-up rows and their copy to the
-    # GPU, once per micro-batch. GB: its coefficient is 1 / EMBED_ROWS_GB_S.
-    f["embed_rows"] = tokens * shape.hidden * 2 / 1e9 if cfg.train.offload_embeddings else 0.0
+    # GPU, once per micro-batch. GB: its coefficient is 1 / EMBED_ROWS_GB_S. With
+    # train.offload_embeddings_async they run while the GPU works, not before it: on an H100
+    # the 8 GB group's plan ran 2.9% and 1.5% faster with it than without in two pairs of runs
+    # (docs/benchmarks/speed/23-8gb-ab/), where this term is 2.0% of its step.
+    hidden = cfg.train.offload_embeddings_async
+    f["embed_rows"] = tokens * shape.hidden * 2 / 1e9 if cfg.train.offload_embeddings and not hidden else 0.0
     return f
 
 
