@@ -184,8 +184,8 @@ class KernelsConfig(_Section):
     # nothing after the SwiGLU saves a tensor, so torch's checkpoint stops at its save and
     # the product the kernel writes is never read. The same gradients, bit for bit
     # (tests/test_lean_mlp.py, on the CPU and with liger on an H100). The product is not made:
-    # on an H100 the 8 GB plan peaked 0.29 GiB lower (7.17 against 7.47 GiB) at the same speed
-    # (docs/benchmarks/speed/23-8gb-ab/); the memory model counts it (memory.lean_mlp_applies).
+    # on an H100 the 8 GB plan peaked 0.29 GiB lower (7.17 against 7.47 GiB) at the same
+    # speed (docs/benchmarks/speed/23-8gb-ab/); memory.lean_mlp_skips_product counts it.
     lean_mlp: bool = True
 
 

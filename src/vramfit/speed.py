@@ -368,8 +368,8 @@ def step_features(shape: ModelShape, cfg: RunConfig, padded_len: float, tflops: 
     # train.offload_embeddings_async they run while the GPU works, not before it: on an H100
     # the 8 GB group's plan ran 2.9% and 1.5% faster with it than without in two pairs of runs
     # (docs/benchmarks/speed/23-8gb-ab/), where this term is 2.0% of its step.
-    hidden = cfg.train.offload_embeddings_async
-    f["embed_rows"] = tokens * shape.hidden * 2 / 1e9 if cfg.train.offload_embeddings and not hidden else 0.0
+    overlapped = cfg.train.offload_embeddings_async
+    f["embed_rows"] = tokens * shape.hidden * 2 / 1e9 if cfg.train.offload_embeddings and not overlapped else 0.0
     return f
 
 

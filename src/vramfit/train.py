@@ -225,12 +225,12 @@ class EmbeddingsOnHost(TrainerCallback):
 
 
 class LeanRecompute(TrainerCallback):
-    """kernels.lean_recompute and kernels.lean_mlp: the Trainer sets each decoder layer's checkpoint function as
-    training begins (TrainingArguments.gradient_checkpointing); run its recomputations under
-    fused_lora.checkpoint_contexts, where the flagged down_proj layers skip their base
-    multiply and (``mlps``: liger's SwiGLU before an unadapted 4-bit down_proj, lean_mlp.py)
-    the MLPs their SwiGLU kernel. liger patches the MLPs as training begins too, before this
-    runs."""
+    """kernels.lean_recompute and kernels.lean_mlp: the Trainer sets each decoder layer's
+    checkpoint function as training begins (TrainingArguments.gradient_checkpointing); run its
+    recomputations under fused_lora.checkpoint_contexts, where the flagged down_proj layers
+    skip their base multiply and (``mlps``: liger's SwiGLU before an unadapted 4-bit
+    down_proj, lean_mlp.py) the MLPs their SwiGLU kernel. liger patches the MLPs as training
+    begins too, before this runs."""
 
     def __init__(self, model, log, downs: int, mlps: bool) -> None:
         self.model, self.log, self.downs, self.mlps = model, log, downs, mlps
