@@ -74,9 +74,9 @@ def install(layers, model_type: str, is_swiglu=_is_liger_swiglu) -> int:
     the layer ends in its 4-bit, unadapted down_proj. Call after liger has patched the MLPs
     (the Trainer does, before training begins). Returns how many MLPs. The skip happens only
     under fused_lora.checkpoint_contexts (fused_lora.lean_checkpointing installs it)."""
-    from .model_shape import DOWN_PROJ_LAST
+    from .memory import LEAN_MLP_TYPES  # the types the memory model counts the skip for
 
-    if model_type not in DOWN_PROJ_LAST:
+    if model_type not in LEAN_MLP_TYPES:
         return 0
     n = 0
     for layer in layers:

@@ -256,7 +256,7 @@ def lean_mlp_applies(cfg: RunConfig) -> bool:
 
 
 # Where liger's SwiGLU MLP (LigerSwiGLUMLP) replaces the MLP in a layer that ends in its
-# down_proj: gemma's gated MLP is liger's GeGLU, which lean_mlp.py leaves alone.
+# down_proj: gemma's gated MLP is liger's GeGLU. lean_mlp.install takes these types alone.
 LEAN_MLP_TYPES = DOWN_PROJ_LAST - {"gemma"}
 
 
@@ -695,14 +695,13 @@ def estimate(
         # larger of the recomputation's transient and the residual (the backward's own).
         # Without checkpointing the backward starts with every saved activation still held:
         # the residual counts at the loss.
-        late_extra = max(residual - recomputed, 0.0)
-        if recomputed and lean_mlp_skips_product(shape, cfg):
-            # The recomputation makes no SwiGLU product (the transient), and the residual, fitted
-            # on runs that made it, held it: the backward keeps the rest, and at least the
-            # product's gradient (down_proj's input gradient, the same size). The 8 GB group's
-            # plan on an H100 peaked 0.293 GiB lower with the skip than without (7.172 against
-            # 7.465 GiB, product 0.289; docs/benchmarks/speed/23-8gb-ab/).
-            late_extra = max(residual - 2 * recomputed, 0.0)
+        # With kernels.lean_mlp the recomputation makes no SwiGLU product (the transient), and
+        # the residual, fitted on runs that made it, held it: the backward keeps the rest, and
+        # at least the product's gradient (down_proj's input gradient, the same size). The 8 GB
+        # group's plan on an H100 peaked 0.293 GiB lower with the skip than without (7.172
+        # against 7.465 GiB, product 0.289; docs/benchmarks/speed/23-8gb-ab/).
+        held = 2 * recomputed if lean_mlp_skips_product(shape, cfg) else recomputed
+        late_extra = max(residual - held, 0.0)
         in_backward += late_extra
         if last_kept:
             logits += residual
