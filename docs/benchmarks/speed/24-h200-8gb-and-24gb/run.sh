@@ -6,7 +6,10 @@
 #   1. the benchmark's 8 GB row `vramfit-auto` (the planner's plan with this code);
 #   2. `again`: the same command once more through the CLI (the spread);
 #   3. the benchmark's 24gb-lora row `vramfit-auto`;
-#   4. the benchmark's 8 GB `seed-made-to-fit` (and `seed-as-written`, refused before training).
+#   4. the benchmark's 8 GB `seed-made-to-fit` (and `seed-as-written`, refused before training);
+#   5. `workers2`, while time is left: the 8 GB plan with train.dataloader_workers=2 (the next
+#      step's batches collated in worker processes while the GPU runs; session 16's profile
+#      found a 12-13 ms gap at each step boundary).
 # Run from the project root with .whl carried:
 #   bash docs/benchmarks/speed/24-h200-8gb-and-24gb/run.sh
 # LIMIT: the seconds the script may take (default 560).
@@ -31,14 +34,18 @@ bench() {  # bench NAME ARGS...: one benchmark invocation into /tmp/bench, archi
   echo "$name done at ${SECONDS}s"
 }
 bench 8gb-auto --only 8gb-qlora --skip seed-as-written --skip seed-made-to-fit --skip seed-as-written-uncapped --skip vramfit-auto-fused
-if [ $((LIMIT - SECONDS)) -gt 80 ]; then
-  CMD="train --preset auto --budget 8 --model $M/qwen2.5-7b --data $M/long.jsonl --set data.seq_len=512 --set lora.r=8 --set lora.alpha=16 --set lora.target_modules=[q_proj,v_proj] --set train.micro_batch=16 --set train.grad_accum=2 --set train.save_steps=1000 --set train.logging_steps=1 --set train.max_steps=12"
-  mkdir -p /tmp/ab; rm -rf /tmp/run-again
-  timeout $((LIMIT - SECONDS)) python3 -m vramfit $CMD --out /tmp/run-again > /tmp/ab/again.log 2>&1
-  echo "again at ${SECONDS}s: $(grep -o '"steady_tokens_per_s": [0-9.]*' /tmp/run-again/metrics.json) $(grep -o '"peak_process_gib": [0-9.]*' /tmp/run-again/metrics.json)"
-  for f in metrics.json train.log plan.yaml; do cp /tmp/run-again/$f /tmp/ab/again-$f 2>/dev/null; done
+CMD="train --preset auto --budget 8 --model $M/qwen2.5-7b --data $M/long.jsonl --set data.seq_len=512 --set lora.r=8 --set lora.alpha=16 --set lora.target_modules=[q_proj,v_proj] --set train.micro_batch=16 --set train.grad_accum=2 --set train.save_steps=1000 --set train.logging_steps=1 --set train.max_steps=12"
+arm() {  # arm NAME [--set ...]: the 8 GB plan's command once more through the CLI
+  [ $((LIMIT - SECONDS)) -lt 80 ] && { echo "$1: no time left"; return; }
+  local v=$1; shift
+  mkdir -p /tmp/ab; rm -rf /tmp/run-$v
+  timeout $((LIMIT - SECONDS)) python3 -m vramfit $CMD "$@" --out /tmp/run-$v > /tmp/ab/$v.log 2>&1
+  echo "$v at ${SECONDS}s: $(grep -o '"steady_tokens_per_s": [0-9.]*' /tmp/run-$v/metrics.json) $(grep -o '"peak_process_gib": [0-9.]*' /tmp/run-$v/metrics.json)"
+  for f in metrics.json train.log plan.yaml; do cp /tmp/run-$v/$f /tmp/ab/$v-$f 2>/dev/null; done
   tar czf $OUT/ab.tar.gz -C /tmp ab
-fi
+}
+arm again
 bench 24gb-auto --only 24gb-lora --skip seed-as-written --skip seed-made-to-fit --skip seed-as-written-uncapped --skip vramfit-auto-fused
 bench 8gb-seed --only 8gb-qlora --skip vramfit-auto --skip seed-as-written-uncapped --skip vramfit-auto-fused
+arm workers2 --set train.dataloader_workers=2
 echo "all done at ${SECONDS}s"
