@@ -5,11 +5,12 @@
 # weights for both groups, 12 steps a run, in order of what the issue needs most:
 #   1. the benchmark's 8 GB row `vramfit-auto` (the planner's plan with this code);
 #   2. `again`: the same command once more through the CLI (the spread);
-#   3. the benchmark's 24gb-lora row `vramfit-auto`;
-#   4. the benchmark's 8 GB `seed-made-to-fit` (and `seed-as-written`, refused before training);
-#   5. `workers2`, while time is left: the 8 GB plan with train.dataloader_workers=2 (the next
-#      step's batches collated in worker processes while the GPU runs; session 16's profile
-#      found a 12-13 ms gap at each step boundary).
+#   3. `workers2`: the 8 GB plan with train.dataloader_workers=2 (the next step's batches
+#      collated in worker processes while the GPU runs; session 16's profile found a 12-13 ms
+#      gap at each step boundary);
+#   4. the benchmark's 24gb-lora row `vramfit-auto`;
+#   5. the benchmark's 8 GB `seed-made-to-fit` (and `seed-as-written`, refused before training).
+# Each step runs only while LIMIT leaves it time.
 # Run from the project root with .whl carried:
 #   bash docs/benchmarks/speed/24-h200-8gb-and-24gb/run.sh
 # LIMIT: the seconds the script may take (default 560).
@@ -45,7 +46,7 @@ arm() {  # arm NAME [--set ...]: the 8 GB plan's command once more through the C
   tar czf $OUT/ab.tar.gz -C /tmp ab
 }
 arm again
+arm workers2 --set train.dataloader_workers=2
 bench 24gb-auto --only 24gb-lora --skip seed-as-written --skip seed-made-to-fit --skip seed-as-written-uncapped --skip vramfit-auto-fused
 bench 8gb-seed --only 8gb-qlora --skip vramfit-auto --skip seed-as-written-uncapped --skip vramfit-auto-fused
-arm workers2 --set train.dataloader_workers=2
 echo "all done at ${SECONDS}s"
